@@ -1,0 +1,23 @@
+"""pgenrm-lite: an embeddable runtime for P-GenRM personalised generative reward models.
+
+    from pgenrm_lite import Scorer, UserProfile, Preference
+    with Scorer.from_bundle("bundle/", n_samples=8) as scorer:
+        result = scorer.compare(user, prompt, response_a, response_b)
+"""
+
+from .errors import (BundleError, BundleIntegrityError, BundleVersionError, ChainParseError, ConfigError,
+                     ContextOverflowError, DataFormatError, EmbedderError, EngineError, PgenrmError,
+                     PrototypeIndexError, RecordError)
+from .records import (CompareResult, Criterion, EvaluationChain, NeighborScore, Preference, Sample,
+                      UserProfile)
+from .scorer import Scorer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Scorer",
+    "Preference", "UserProfile", "Criterion", "EvaluationChain", "CompareResult", "Sample", "NeighborScore",
+    "PgenrmError", "ConfigError", "RecordError", "DataFormatError", "ChainParseError", "ContextOverflowError",
+    "EngineError", "EmbedderError", "PrototypeIndexError", "BundleError", "BundleVersionError",
+    "BundleIntegrityError",
+]

@@ -1,0 +1,186 @@
+"""PersonalRewardBench-format data: rows, users built from their train rows, the pairs to judge.
+
+Also maps the two-user HH-RLHF relabelling (`objective` = user) into the same shape.
+Every malformed line is a `DataFormatError` naming the file, line and field.
+"""
+
+from __future__ import annotations
+
+import gzip
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal
+
+import orjson
+
+from .errors import DataFormatError, RecordError
+from .protocol import derive_seed
+from .records import MAX_TEXT_CHARS, Preference, UserProfile
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One preference row: a user's query (rendered context), chosen and rejected replies."""
+
+    user_id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    split: str
+    conversation_id: str | None = None
+
+    def as_preference(self) -> Preference:
+        return Preference(prompt=self.prompt, chosen=self.chosen, rejected=self.rejected)
+
+
+def _open_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            for i, line in enumerate(fh, 1):
+                if line.strip():
+                    yield i, line
+    except FileNotFoundError as exc:
+        raise DataFormatError("file does not exist", path=str(path)) from exc
+    except (OSError, EOFError) as exc:  # e.g. a truncated or non-gzip .gz file
+        raise DataFormatError(f"cannot be read ({exc})", path=str(path)) from exc
+
+
+def _records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, JSON value) pairs from JSON Lines, or from a JSON file holding a list/object."""
+    name = path.name.removesuffix(".gz")
+    if name.endswith(".json"):
+        lines = list(_open_lines(path))
+        try:
+            data = orjson.loads(b"".join(line for _, line in lines))
+        except orjson.JSONDecodeError as exc:
+            raise DataFormatError(f"not valid JSON ({exc})", path=str(path)) from exc
+        items = data if isinstance(data, list) else [data]
+        yield from enumerate(items, 1)
+        return
+    for lineno, line in _open_lines(path):
+        try:
+            yield lineno, orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise DataFormatError(f"not valid JSON ({exc})", path=str(path), line=lineno) from exc
+
+
+def _text(obj: dict, key: str, where: dict) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise DataFormatError(f"field '{key}' must be a string, got {type(value).__name__}", field=key, **where)
+    if len(value) > MAX_TEXT_CHARS:
+        raise DataFormatError(f"field '{key}' is longer than {MAX_TEXT_CHARS} characters", field=key, **where)
+    return value
+
+
+def _message_content(row: dict, key: str, where: dict) -> str:
+    msg = row.get(key)
+    if isinstance(msg, str):
+        return msg
+    if not isinstance(msg, dict):
+        raise DataFormatError(f"field '{key}' must be a {{role, content}} object", field=key, **where)
+    return _text(msg, "content", {**where})
+
+
+def render_context(context: list, where: dict) -> str:
+    """A conversation as query text: a single user turn as is, several turns labelled."""
+    if not isinstance(context, list) or not context:
+        raise DataFormatError("field 'context' must be a non-empty list of {role, content}",
+                              field="context", **where)
+    turns = []
+    for i, turn in enumerate(context):
+        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
+            raise DataFormatError(f"field 'context[{i}]' must be a {{role, content}} object with "
+                                  "string content", field=f"context[{i}]", **where)
+        turns.append((str(turn.get("role", "user")), turn["content"]))
+    if len(turns) == 1:
+        return turns[0][1]
+    return "\n\n".join(f"{'User' if r == 'user' else 'Assistant'}: {c}" for r, c in turns)
+
+
+def parse_row(obj: Any, *, path: str | None = None, line: int | None = None) -> Row:
+    where = {"path": path, "line": line}
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"a row must be a JSON object, got {type(obj).__name__}", **where)
+    for key in ("user_id", "context", "chosen", "rejected"):
+        if key not in obj:
+            raise DataFormatError(f"missing field '{key}'", field=key, **where)
+    user_id = obj["user_id"]
+    if not isinstance(user_id, (str, int)) or isinstance(user_id, bool) or str(user_id) == "":
+        raise DataFormatError("field 'user_id' must be a non-empty string", field="user_id", **where)
+    split = obj.get("split", "train")
+    if split not in SPLITS:
+        raise DataFormatError(f"field 'split' is {split!r}; expected one of {SPLITS}", field="split", **where)
+    conv = obj.get("conversation_id")
+    return Row(user_id=str(user_id), prompt=render_context(obj["context"], where),
+               chosen=_message_content(obj, "chosen", where), rejected=_message_content(obj, "rejected", where),
+               split=split, conversation_id=None if conv is None else str(conv))
+
+
+def load_rows(path: str | Path) -> list[Row]:
+    """Rows of a PersonalRewardBench-format file (.jsonl, .jsonl.gz, or .json list/object)."""
+    path = Path(path)
+    return [parse_row(obj, path=str(path), line=n) for n, obj in _records(path)]
+
+
+def load_hh(path: str | Path, *, test_fraction: float = 0.5, seed: int = 0,
+            users_per_objective: int = 1, limit_per_user: int | None = None) -> list[Row]:
+    """The two-user HH-RLHF relabelling as rows: user = objective, response = transcript suffix.
+
+    Each objective's rows are shuffled (seeded) and split into train (history) and test;
+    `users_per_objective > 1` deals them round-robin into pseudo-users `helpful-0`, ...
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise DataFormatError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    path = Path(path)
+    by_user: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
+    for lineno, obj in _records(path):
+        where = {"path": str(path), "line": lineno}
+        if not isinstance(obj, dict):
+            raise DataFormatError("a row must be a JSON object", **where)
+        prompt = _text(obj, "prompt", where)
+        chosen, rejected = _text(obj, "chosen", where), _text(obj, "rejected", where)
+        objective = _text(obj, "objective", where)
+        for key, full in (("chosen", chosen), ("rejected", rejected)):
+            if not full.startswith(prompt):
+                raise DataFormatError(f"field '{key}' does not start with 'prompt'", field=key, **where)
+        by_user[objective].append((prompt, chosen[len(prompt):].strip(), rejected[len(prompt):].strip()))
+    rows: list[Row] = []
+    for objective in sorted(by_user):
+        items = by_user[objective]
+        random.Random(derive_seed(seed, "hh", objective)).shuffle(items)
+        for k in range(users_per_objective):
+            uid = objective if users_per_objective == 1 else f"{objective}-{k}"
+            mine = items[k::users_per_objective]
+            if limit_per_user is not None:
+                mine = mine[:limit_per_user]
+            n_test = max(1, round(len(mine) * test_fraction))
+            for i, (p, c, r) in enumerate(mine):
+                rows.append(Row(user_id=uid, prompt=p, chosen=c, rejected=r,
+                                split="test" if i < n_test else "train"))
+    return rows
+
+
+def users_from_rows(rows: Iterable[Row], *, splits: tuple[str, ...] = ("train",)) -> dict[str, UserProfile]:
+    """Each user's profile, with their rows of the given splits as history."""
+    hist: dict[str, list[Preference]] = defaultdict(list)
+    seen: list[str] = []
+    for row in rows:
+        if row.user_id not in hist:
+            seen.append(row.user_id)
+            hist[row.user_id]  # keep users with no history too
+        if row.split in splits:
+            hist[row.user_id].append(row.as_preference())
+    try:
+        return {uid: UserProfile(user_id=uid, history=hist[uid]) for uid in seen}
+    except Exception as exc:  # pydantic validation (e.g. a history over the size limit)
+        raise RecordError(f"cannot build user profiles: {exc}") from exc
+
+
+def rows_of_split(rows: Iterable[Row], split: Literal["test", "val"] = "test") -> list[Row]:
+    return [r for r in rows if r.split == split]

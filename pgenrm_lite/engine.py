@@ -1,0 +1,475 @@
+"""A GGUF model on llama.cpp that samples N seeded continuations of several prompts at once.
+
+Knows nothing of P-GenRM. It loads a model, turns chat messages into tokens (template
+text may hold special tokens, message content never does), and decodes every requested
+sample in one batch per step: each distinct prompt is evaluated once, reusing the longest
+prefix it shares with an earlier prompt, and its KV cells are shared with its samples by
+sequence copy. Each sample has its own seeded sampler chain (and grammar, if given).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import llama_cpp
+import numpy as np
+
+from .chat import ChatFormatter
+from .errors import ConfigError, ContextOverflowError, EngineError
+
+logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+
+DEVICES = ("auto", "cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt (already tokenized) and the seeds of the samples to draw from it."""
+
+    tokens: tuple[int, ...]
+    seeds: tuple[int, ...]
+
+
+@dataclass
+class Completion:
+    text: str
+    n_tokens: int
+    finish_reason: str  # "stop" (end of generation) or "length" (max_tokens reached)
+    seed: int
+
+
+@dataclass
+class GenerationStats:
+    prompt_s: float = 0.0
+    decode_s: float = 0.0
+    n_prompt_tokens: int = 0  # tokens actually evaluated (shared prefixes counted once)
+    n_generated_tokens: int = 0
+    n_groups: int = 0  # >1 when the samples did not fit the context together
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    grammar: str | None = None
+
+
+class _Sample:
+    """Decoding state of one sequence."""
+
+    __slots__ = ("seq", "seed", "chain", "grammar", "pos", "tokens", "pieces", "done", "finish", "next_token")
+
+    def __init__(self, seq: int, seed: int, chain, grammar, pos: int):
+        self.seq = seq
+        self.seed = seed
+        self.chain = chain
+        self.grammar = grammar
+        self.pos = pos
+        self.tokens: list[int] = []
+        self.pieces: list[bytes] = []
+        self.done = False
+        self.finish = "length"
+        self.next_token = -1
+
+
+class Engine:
+    """A loaded GGUF model and one llama.cpp context sized for batched sampling."""
+
+    def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 8192, n_threads: int | None = None,
+                 device: str = "auto", n_batch: int = 512, n_seq_max: int = 64,
+                 flash_attn: bool = True, verbose: bool = False):
+        if device not in DEVICES:
+            raise ConfigError(f"device must be one of {DEVICES}, got {device!r}")
+        if n_ctx < 64:
+            raise ConfigError(f"n_ctx={n_ctx} is too small; use at least 64 (typically 4096-16384)")
+        if not 1 <= n_seq_max <= 256:
+            raise ConfigError(f"n_seq_max must be in 1..256 (llama.cpp's limit), got {n_seq_max}")
+        if verbose:
+            logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG)
+        self.model_path = str(model_path)
+        gpu_ok = bool(llama_cpp.llama_supports_gpu_offload())
+        if device == "gpu" and not gpu_ok:
+            raise ConfigError("device='gpu' was requested but this llama-cpp-python build has no GPU "
+                              "offload; reinstall it with CMAKE_ARGS='-DGGML_CUDA=on' (or Metal/Vulkan), "
+                              "or use device='cpu' / 'auto'")
+        self.device = "gpu" if (device in ("gpu", "auto") and gpu_ok) else "cpu"
+        self.n_threads = n_threads or max(1, os.cpu_count() or 1)
+        llama_cpp.llama_backend_init()
+
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = -1 if self.device == "gpu" else 0
+        mparams.use_mmap = True
+        model = llama_cpp.llama_model_load_from_file(self.model_path.encode(), mparams)
+        if not model:
+            raise EngineError(f"llama.cpp could not load {self.model_path}: the file is not a GGUF "
+                              "model this build supports (re-export it with `python -m export gguf`)")
+        self._model = model
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
+
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq_max
+        cparams.n_threads = self.n_threads
+        cparams.n_threads_batch = self.n_threads
+        # One KV pool shared by all sequences, so copied prompt cells are stored once.
+        cparams.kv_unified = True
+        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn
+                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        cparams.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            raise EngineError(f"llama.cpp could not create a context of {n_ctx} tokens for "
+                              f"{self.model_path}; lower n_ctx or n_seq_max")
+        self._ctx = ctx
+        self._mem = llama_cpp.llama_get_memory(ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx(ctx)
+        self.n_batch = n_batch
+        self.n_seq_max = n_seq_max
+        self._batch = llama_cpp.llama_batch_init(max(n_batch, n_seq_max), 0, n_seq_max)
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._one = _TokenArray(1)
+        self._full = _TokenArray(self.n_vocab)
+        self.chat_template = self._meta("tokenizer.chat_template")
+        self.architecture = self._meta("general.architecture") or "unknown"
+        bos = llama_cpp.llama_vocab_bos(self._vocab)
+        eos = llama_cpp.llama_vocab_eos(self._vocab)
+        self._bos_id = bos if (bos >= 0 and llama_cpp.llama_vocab_get_add_bos(self._vocab)) else None
+        self._chat = ChatFormatter(
+            self.chat_template,
+            bos_token=self.token_bytes(bos, special=True).decode("utf-8", "replace") if bos >= 0 else "",
+            eos_token=self.token_bytes(eos, special=True).decode("utf-8", "replace") if eos >= 0 else "")
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- model facts -----------------------------------------------------------------
+
+    def _meta(self, key: str) -> str | None:
+        size = 1 << 16
+        for _ in range(3):
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", errors="replace")
+            size = n + 1
+        return None
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    # -- tokens ----------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = False) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            raise EngineError("llama.cpp failed to tokenize the prompt")
+        return list(buf[:n])
+
+    def chat_tokens(self, messages: Sequence[dict]) -> tuple[int, ...]:
+        """Prompt tokens for chat messages, ending with the assistant's generation prompt."""
+        return tuple(self._chat.tokenize(messages, self.tokenize, bos_id=self._bos_id))
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
+            return buf.raw[:n]
+        return self._piece_buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    # -- generation ------------------------------------------------------------------
+
+    def tokens_needed(self, requests: Sequence[Request], max_tokens: int) -> int:
+        """KV cells the requests take together: shared prompt prefixes once, plus every sample's budget."""
+        return _prompt_cells(requests) + sum(len(r.seeds) for r in requests) * max_tokens
+
+    def generate(self, requests: Sequence[Request], params: SamplingParams) -> tuple[list[list[Completion]], GenerationStats]:
+        """Draw `len(r.seeds)` samples from each request; results keep the requests' order.
+
+        Samples are decoded together; if they do not all fit the context (or n_seq_max),
+        they run in groups, and `stats.n_groups` says how many.
+        """
+        if params.max_tokens < 1:
+            raise ConfigError("max_tokens must be at least 1")
+        if params.temperature < 0:
+            raise ConfigError("temperature must be >= 0 (0 means greedy)")
+        for r in requests:
+            if not r.tokens:
+                raise ConfigError("a request has an empty prompt")
+            need = len(r.tokens) + params.max_tokens
+            if need > self.n_ctx:
+                raise ContextOverflowError(
+                    f"a prompt of {len(r.tokens)} tokens plus max_tokens={params.max_tokens} needs "
+                    f"{need} tokens but the context holds {self.n_ctx}; shorten the input, lower "
+                    "max_tokens or load with a larger n_ctx",
+                    n_prompt_tokens=len(r.tokens), max_tokens=params.max_tokens, n_ctx=self.n_ctx)
+        stats = GenerationStats()
+        results: list[list[Completion | None]] = [[None] * len(r.seeds) for r in requests]
+        for group in self._plan_groups(requests, params.max_tokens):
+            stats.n_groups += 1
+            self._run_group(requests, group, params, results, stats)
+        if stats.n_groups > 1:
+            stats.notes.append(f"samples ran in {stats.n_groups} groups: they did not fit "
+                               f"n_ctx={self.n_ctx} / n_seq_max={self.n_seq_max} together")
+        return [[c for c in row if c is not None] for row in results], stats  # type: ignore[misc]
+
+    def _plan_groups(self, requests: Sequence[Request], max_tokens: int) -> list[list[tuple[int, int]]]:
+        """Split (request, sample) pairs into groups that fit the KV cache and the sequence limit."""
+        groups: list[list[tuple[int, int]]] = []
+        current: list[tuple[int, int]] = []
+        current_reqs: dict[int, Request] = {}
+        for ri, req in enumerate(requests):
+            for si in range(len(req.seeds)):
+                trial = dict(current_reqs)
+                trial[ri] = req
+                cells = _prompt_cells(list(trial.values())) + (len(current) + 1) * max_tokens
+                if current and (cells > self.n_ctx or len(current) + 1 > self.n_seq_max):
+                    groups.append(current)
+                    current, current_reqs = [], {}
+                current.append((ri, si))
+                current_reqs[ri] = req
+        if current:
+            groups.append(current)
+        return groups
+
+    def _run_group(self, requests, group, params, results, stats) -> None:
+        llama_cpp.llama_memory_clear(self._mem, True)
+        # Which samples each request owns in this group; the first one's sequence holds the prompt.
+        by_req: dict[int, list[int]] = {}
+        for ri, si in group:
+            by_req.setdefault(ri, []).append(si)
+        samples: dict[tuple[int, int], _Sample] = {}
+        seq_ids = iter(range(self.n_seq_max))
+        evaluated: list[tuple[int, tuple[int, ...]]] = []  # (seq, tokens) of prompts already in cache
+        try:
+            t0 = time.perf_counter()
+            for ri, sis in by_req.items():
+                tokens = requests[ri].tokens
+                seqs = [next(seq_ids) for _ in sis]
+                owner = seqs[0]
+                n_eval = self._prefill(owner, tokens, evaluated)
+                stats.n_prompt_tokens += n_eval
+                evaluated.append((owner, tokens))
+                for seq in seqs[1:]:
+                    llama_cpp.llama_memory_seq_cp(self._mem, owner, seq, -1, -1)
+                # First token of every sample comes from the prompt's last logits (batch row n-1).
+                last_row = self._batch.n_tokens - 1
+                for si, seq in zip(sis, seqs):
+                    seed = requests[ri].seeds[si]
+                    s = _Sample(seq, seed, self._make_chain(seed, params), self._make_grammar(params), len(tokens))
+                    samples[(ri, si)] = s
+                    self._accept(s, self._sample(s, last_row), params)
+            t1 = time.perf_counter()
+            stats.prompt_s += t1 - t0
+            self._decode_loop(list(samples.values()), params)
+            stats.decode_s += time.perf_counter() - t1
+        finally:
+            for s in samples.values():
+                llama_cpp.llama_sampler_free(s.chain)
+                if s.grammar:
+                    llama_cpp.llama_sampler_free(s.grammar)
+            llama_cpp.llama_memory_clear(self._mem, True)
+        for (ri, si), s in samples.items():
+            stats.n_generated_tokens += len(s.tokens)
+            text = b"".join(s.pieces).decode("utf-8", errors="replace")
+            results[ri][si] = Completion(text=text, n_tokens=len(s.tokens), finish_reason=s.finish, seed=s.seed)
+
+    def _prefill(self, seq: int, tokens: tuple[int, ...], evaluated) -> int:
+        """Put `tokens` into sequence `seq`, copying the longest prefix already cached. Returns tokens evaluated."""
+        best_len, best_seq = 0, -1
+        for other_seq, other in evaluated:
+            n = _common_prefix(tokens, other)
+            if n > best_len:
+                best_len, best_seq = n, other_seq
+        # Keep at least the last token to evaluate, so its logits exist.
+        best_len = min(best_len, len(tokens) - 1)
+        if best_len > 0:
+            llama_cpp.llama_memory_seq_cp(self._mem, best_seq, seq, 0, best_len)
+        start = best_len
+        while start < len(tokens):
+            chunk = tokens[start:start + self.n_batch]
+            self._fill_batch([(tok, start + i, seq, start + i == len(tokens) - 1) for i, tok in enumerate(chunk)])
+            self._decode()
+            start += len(chunk)
+        return len(tokens) - best_len
+
+    def _decode_loop(self, samples: list[_Sample], params: SamplingParams) -> None:
+        active = [s for s in samples if not s.done]
+        while active:
+            self._fill_batch([(s.next_token, s.pos, s.seq, True) for s in active])
+            self._decode()
+            for row, s in enumerate(active):
+                s.pos += 1
+                self._accept(s, self._sample(s, row), params)
+            active = [s for s in active if not s.done]
+
+    def _accept(self, s: _Sample, token: int, params: SamplingParams) -> None:
+        if self.is_eog(token):
+            s.done, s.finish = True, "stop"
+            return
+        s.tokens.append(token)
+        s.pieces.append(self.token_bytes(token))
+        s.next_token = token
+        if len(s.tokens) >= params.max_tokens:
+            s.done, s.finish = True, "length"
+
+    def _fill_batch(self, items: list[tuple[int, int, int, bool]]) -> None:
+        b = self._batch
+        for i, (tok, pos, seq, logits) in enumerate(items):
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = logits
+        b.n_tokens = len(items)
+
+    def _decode(self) -> None:
+        rc = llama_cpp.llama_decode(self._ctx, self._batch)
+        if rc == 1:
+            raise EngineError("llama.cpp found no free KV slot; the context is too small for this "
+                              "batch (load with a larger n_ctx or lower the sample count)")
+        if rc != 0:
+            raise EngineError(f"llama_decode failed with code {rc}")
+
+    def _sample(self, s: _Sample, row: int) -> int:
+        """Draw one token for `s` from batch row `row`, honouring its grammar.
+
+        The token is first drawn without the grammar and kept if the grammar accepts it;
+        only when it does not is the grammar applied to the whole vocabulary and the draw
+        repeated. Both paths together draw exactly from the grammar-masked distribution
+        (p(x) + (1 - Z) p(x) / Z = p(x) / Z), at a fraction of the cost of masking every step.
+        """
+        token = llama_cpp.llama_sampler_sample(s.chain, self._ctx, row)
+        if s.grammar is None:
+            return token
+        one = self._one
+        one.data[0].id, one.data[0].logit, one.data[0].p = token, 0.0, 0.0
+        one.arr.size, one.arr.selected, one.arr.sorted = 1, -1, False
+        llama_cpp.llama_sampler_apply(s.grammar, ctypes.byref(one.arr))
+        if np.isfinite(one.data[0].logit):
+            llama_cpp.llama_sampler_accept(s.grammar, token)
+            return token
+        full = self._full
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,))
+        full.view["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        full.view["logit"] = logits
+        full.view["p"] = 0.0
+        full.arr.size, full.arr.selected, full.arr.sorted = self.n_vocab, -1, False
+        full.arr.data = full.data
+        llama_cpp.llama_sampler_apply(s.grammar, ctypes.byref(full.arr))
+        llama_cpp.llama_sampler_apply(s.chain, ctypes.byref(full.arr))
+        if full.arr.selected < 0:
+            raise EngineError("the sampler selected no token (the grammar allows nothing here)")
+        token = full.arr.data[full.arr.selected].id
+        llama_cpp.llama_sampler_accept(s.grammar, token)
+        return token
+
+    def _make_grammar(self, params: SamplingParams):
+        if not params.grammar:
+            return None
+        g = llama_cpp.llama_sampler_init_grammar(self._vocab, params.grammar.encode(), b"root")
+        if not g:
+            raise ConfigError("llama.cpp rejected the grammar (GBNF syntax error)")
+        return g
+
+    def _make_chain(self, seed: int, params: SamplingParams):
+        sparams = llama_cpp.llama_sampler_chain_default_params()
+        sparams.no_perf = True
+        chain = llama_cpp.llama_sampler_chain_init(sparams)
+        if params.temperature == 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+            return chain
+        if params.top_p < 1.0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0.0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+
+class _TokenArray:
+    """A reusable llama_token_data_array with a numpy view on its storage."""
+
+    def __init__(self, n: int):
+        self.data = (llama_cpp.llama_token_data * n)()
+        self.arr = llama_cpp.llama_token_data_array(data=self.data, size=n, selected=-1, sorted=False)
+        dtype = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        self.view = np.frombuffer(self.data, dtype=dtype)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _prompt_cells(requests: Sequence[Request]) -> int:
+    """Cells the distinct prompts occupy when each reuses its longest prefix with an earlier one."""
+    seen: list[tuple[int, ...]] = []
+    total = 0
+    for r in requests:
+        if r.tokens in seen:
+            continue
+        shared = max((_common_prefix(r.tokens, s) for s in seen), default=0)
+        total += len(r.tokens) - min(shared, len(r.tokens) - 1)
+        seen.append(r.tokens)
+    return total
+
+
+def model_file_ok(path: Path) -> bool:
+    """Cheap header check before llama.cpp parses a byte: GGUF magic and a known version."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return False
+    return len(head) == 8 and head[:4] == b"GGUF" and int.from_bytes(head[4:8], "little") in (2, 3)

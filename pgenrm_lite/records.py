@@ -1,0 +1,213 @@
+"""The records that cross the library's boundary, as pydantic models.
+
+These names and fields are the public contract. JSON goes through orjson.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import RecordError
+
+# Documented size limits: a record above them is refused rather than silently cut.
+MAX_TEXT_CHARS = 200_000
+MAX_HISTORY_PAIRS = 10_000
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def from_json(cls, data: bytes | str):
+        """Parse and validate JSON; any failure is a `RecordError` naming the problem."""
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise RecordError(f"{cls.__name__}: not valid JSON ({exc}); "
+                              "pass a JSON object as written by .to_json()") from exc
+        return cls.validate_obj(obj)
+
+    @classmethod
+    def validate_obj(cls, obj: Any):
+        try:
+            return cls.model_validate(obj)
+        except ValidationError as exc:
+            raise RecordError(f"{cls.__name__}: {_describe(exc)}") from exc
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "(root)"
+        parts.append(f"field '{loc}': {err.get('msg')}")
+    more = exc.error_count() - len(parts)
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)
+
+
+Text = Field(max_length=MAX_TEXT_CHARS)
+
+
+class Preference(_Record):
+    """One past preference pair of a user: the first user turn, the chosen and the rejected reply."""
+
+    prompt: str = Text
+    chosen: str = Text
+    rejected: str = Text
+
+
+class UserProfile(_Record):
+    """A user: their preference history and, optionally, stated preferences (free text)."""
+
+    user_id: str = Field(min_length=1, max_length=256)
+    history: list[Preference] = Field(default_factory=list, max_length=MAX_HISTORY_PAIRS)
+    stated_preferences: Optional[str] = Field(default=None, max_length=MAX_TEXT_CHARS)
+    # A persona text already derived for this user (prototype members may carry only this).
+    persona: Optional[str] = Field(default=None, max_length=MAX_TEXT_CHARS)
+
+
+class Criterion(_Record):
+    """One personalised criterion of a chain: its weight (percent) and both responses' 1-10 scores."""
+
+    name: str
+    weight: float
+    scores: tuple[Optional[float], Optional[float]] = (None, None)
+
+
+class EvaluationChain(_Record):
+    """One parsed evaluation chain. `final_scores` are for Response 1 and 2 *as shown in the prompt*."""
+
+    analysis: str
+    criteria: list[Criterion] = Field(default_factory=list)
+    final_scores: tuple[float, float]
+    raw: str
+
+    @field_validator("final_scores")
+    @classmethod
+    def _finite(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(math.isfinite(x) for x in v):
+            raise ValueError("final scores must be finite numbers")
+        return v
+
+
+class Sample(_Record):
+    """One generated sample: which history it used, how the candidates were ordered, what came out."""
+
+    kind: Literal["self", "neighbor"]
+    user_id: str
+    seed: int
+    swapped: bool  # True when response B was shown as Response 1
+    n_tokens: int
+    chain: Optional[EvaluationChain] = None
+    error: Optional[str] = None  # why the sample failed to parse, when it did
+    score_a: Optional[float] = None
+    score_b: Optional[float] = None
+
+
+class NeighborScore(_Record):
+    user_id: str
+    similarity: float
+    score_a: Optional[float]
+    score_b: Optional[float]
+
+
+class Timing(_Record):
+    prompt_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+    n_prompt_tokens: int = 0  # evaluated; a prefix shared by several prompts counts once
+    n_generated_tokens: int = 0
+    n_groups: int = 0  # decoding groups; >1 when the samples did not fit the context together
+
+
+class CompareResult(_Record):
+    """The reward for one pair for one user, with everything needed to reproduce it."""
+
+    preferred: Optional[Literal["a", "b"]]
+    score_a: Optional[float]
+    score_b: Optional[float]
+    chains: list[EvaluationChain]
+    samples: list[Sample] = Field(default_factory=list)
+    n_parsed: int
+    n_failed: int
+    seed: int
+    n_samples: int
+    n_neighbors: int
+    c_self: float = 0.5
+    c_nb: float = 0.5
+    neighbors: list[NeighborScore] = Field(default_factory=list)
+    history_shown: int = 0
+    context_policy: list[str] = Field(default_factory=list)  # what was cut to fit the window
+    notes: list[str] = Field(default_factory=list)  # e.g. samples ran in groups, persona fallback
+    timing: Timing = Field(default_factory=Timing)
+
+    @property
+    def is_decision(self) -> bool:
+        return self.preferred is not None
+
+
+# -- bundle manifest (the one definition of its schema) -----------------------------------
+
+MANIFEST_SCHEMA_VERSION = 1
+
+
+class _Loose(_Record):
+    # Manifest parts tolerate fields added by newer minor writers.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class ManifestFile(_Loose):
+    path: str  # relative to the bundle directory, '/'-separated
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class LLMInfo(_Loose):
+    file: str
+    architecture: str
+    context_length: int
+    has_chat_template: bool
+    file_type: Optional[str] = None
+    n_params: Optional[int] = None
+
+
+class EmbedderInfo(_Loose):
+    dir: str
+    model_file: str
+    tokenizer_file: str
+    dimension: int = Field(gt=0)
+    pooling: str
+    normalized: bool
+    max_length: int = Field(gt=0)
+
+
+class PrototypeInfo(_Loose):
+    count: int = Field(ge=1)
+    n_members: int = Field(ge=0)
+    dimension: int = Field(gt=0)
+    centroids_file: str
+    members_index_file: str
+    members_file: str
+    assignments_file: str
+    ef: int = Field(ge=1)
+    persona_source: Literal["llm", "history"]
+    members_carry: Literal["history", "persona"]
+    seed: int = 0
+
+
+class Manifest(_Loose):
+    schema_version: int
+    created_by: str = "pgenrm-lite"
+    files: list[ManifestFile]
+    llm: LLMInfo
+    template: dict[str, str]
+    embedder: Optional[EmbedderInfo] = None
+    prototypes: Optional[PrototypeInfo] = None

