@@ -133,3 +133,10 @@ def read_manifest(root: Path) -> Manifest:
 def write_manifest(root: Path, manifest: Manifest) -> None:
     atomic_write_bytes(root / MANIFEST, orjson.dumps(manifest.model_dump(mode="json"),
                                                      option=orjson.OPT_INDENT_2))
+
+
+def with_files(root: Path, manifest: Manifest, rel_paths: list[str]) -> Manifest:
+    """The manifest with fresh size/sha256 entries for `rel_paths` (added or replaced)."""
+    fresh = {rel: file_entry(root, _inside(root, rel)) for rel in rel_paths}
+    kept = [f for f in manifest.files if f.path not in fresh]
+    return manifest.model_copy(update={"files": kept + list(fresh.values())})

@@ -1,0 +1,115 @@
+"""`python -m export bundle`: assemble a bundle directory from a GGUF model (and an exported embedder).
+
+The bundle is built in a temporary directory beside the target and renamed into place,
+so an interrupted build leaves no half-written bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import orjson
+
+from pgenrm_lite import protocol
+from pgenrm_lite.bundle import MANIFEST, file_entry, write_manifest
+from pgenrm_lite.engine import model_file_ok
+from pgenrm_lite.errors import ExportError
+from pgenrm_lite.records import MANIFEST_SCHEMA_VERSION, EmbedderInfo, LLMInfo, Manifest
+
+LLM_FILE = "model.gguf"
+EMBEDDER_DIR = "embedder"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gguf", required=True, type=Path, help="the reward model as a GGUF file")
+    parser.add_argument("--embedder", type=Path, help="an embedder exported by `python -m export onnx-embedder`")
+    parser.add_argument("--template", type=Path, help="a template JSON file (default: the built-in template)")
+    parser.add_argument("--out", required=True, type=Path, help="the bundle directory to create")
+    parser.add_argument("--force", action="store_true", help="replace an existing bundle directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = build_bundle(args.gguf, args.out, embedder_dir=args.embedder, template=args.template, force=args.force)
+    print(f"bundle written to {out}")
+    return 0
+
+
+def gguf_facts(path: Path) -> LLMInfo:
+    """Architecture, context length and chat-template presence, read from the GGUF header."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+
+    def value(key: str):
+        field = reader.get_field(key)
+        return None if field is None else field.contents()
+
+    arch = value("general.architecture")
+    if not isinstance(arch, str):
+        raise ExportError(f"{path} has no general.architecture key; it is not a model GGUF")
+    ctx = value(f"{arch}.context_length")
+    file_type = value("general.file_type")
+    return LLMInfo(file=LLM_FILE, architecture=arch, context_length=int(ctx or 0),
+                   has_chat_template=value("tokenizer.chat_template") is not None,
+                   file_type=None if file_type is None else str(file_type))
+
+
+def build_bundle(gguf: Path, out: Path, *, embedder_dir: Path | None = None, template=None,
+                 force: bool = False) -> Path:
+    gguf, out = Path(gguf), Path(out)
+    if not model_file_ok(gguf):
+        raise ExportError(f"{gguf} is not a GGUF v2/v3 file; convert the checkpoint with `python -m export gguf`")
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it")
+    tmpl = protocol.resolve_template(template)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        shutil.copyfile(gguf, tmp / LLM_FILE)
+        llm = gguf_facts(tmp / LLM_FILE)
+        rels = [LLM_FILE]
+        embedder = None
+        if embedder_dir is not None:
+            embedder, emb_rels = _copy_embedder(Path(embedder_dir), tmp)
+            rels += emb_rels
+        manifest = Manifest(schema_version=MANIFEST_SCHEMA_VERSION, files=[file_entry(tmp, tmp / r) for r in rels],
+                            llm=llm, template=tmpl.to_dict(), embedder=embedder)
+        write_manifest(tmp, manifest)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _copy_embedder(src: Path, bundle: Path) -> tuple[EmbedderInfo, list[str]]:
+    desc_path = src / "embedder.json"
+    if not desc_path.is_file():
+        raise ExportError(f"{src} has no embedder.json; export the embedder with `python -m export onnx-embedder`")
+    desc = orjson.loads(desc_path.read_bytes())
+    dest = bundle / EMBEDDER_DIR
+    dest.mkdir()
+    names = ["embedder.json", desc["model_file"], desc["tokenizer_file"]]
+    for name in names:
+        if not (src / name).is_file():
+            raise ExportError(f"embedder file {src / name} is missing")
+        shutil.copyfile(src / name, dest / name)
+    info = EmbedderInfo(dir=EMBEDDER_DIR, model_file=desc["model_file"], tokenizer_file=desc["tokenizer_file"],
+                        dimension=desc["dimension"], pooling=desc["pooling"], normalized=desc["normalized"],
+                        max_length=desc["max_length"])
+    return info, [f"{EMBEDDER_DIR}/{n}" for n in names]
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
