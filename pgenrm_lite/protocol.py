@@ -197,7 +197,24 @@ def render_messages(user: UserProfile, prompt: str, response_1: str, response_2:
 
 # -- output grammar ---------------------------------------------------------------------
 
-def output_grammar(*, analysis_chars: tuple[int, int] = (40, 1200), max_criteria: int = 5) -> str:
+DEFAULT_ANALYSIS_CHARS = (40, 2000)
+DEFAULT_MAX_CRITERIA = 5
+NAME_CHARS = 40
+
+
+def grammar_token_need(*, analysis_chars: tuple[int, int] = DEFAULT_ANALYSIS_CHARS,
+                       max_criteria: int = DEFAULT_MAX_CRITERIA) -> int:
+    """A generous token count for the longest output the grammar allows on typical text.
+
+    About three characters per token for free text and ~56 tokens per criterion (markup,
+    a name of up to 40 characters, three numbers); a `max_tokens` below this risks chains
+    cut off inside the JSON block.
+    """
+    return analysis_chars[1] // 3 + max_criteria * 56 + 48
+
+
+def output_grammar(*, analysis_chars: tuple[int, int] = DEFAULT_ANALYSIS_CHARS,
+                   max_criteria: int = DEFAULT_MAX_CRITERIA) -> str:
     """GBNF for the output contract: bounded free text, then the JSON block with bounded scores.
 
     Free text may not contain '<', so the first '<' must open `<JSON_START>`. Criterion
@@ -217,7 +234,7 @@ def output_grammar(*, analysis_chars: tuple[int, int] = (40, 1200), max_criteria
         + ' ws "\\"response_2\\": " final ws "}" ws "}"',
         'criterion ::= "{\\"name\\": " name ", \\"weight\\": " weight ", \\"response_1\\": " score'
         + ' ", \\"response_2\\": " score "}"',
-        'name ::= "\\"" [^"\\\\<\\x00-\\x1f]{1,48} "\\""',
+        f'name ::= "\\"" [^"\\\\<\\x00-\\x1f]{{1,{NAME_CHARS}}} "\\""',
         'weight ::= "100" | [1-9] [0-9]?',
         'score ::= "10" | [1-9] ("." [0-9])?',
         'final ::= "10" ("." "0"{1,2})? | [0-9] ("." [0-9]{1,2})?',
@@ -227,7 +244,7 @@ def output_grammar(*, analysis_chars: tuple[int, int] = (40, 1200), max_criteria
 
 # -- parsing ----------------------------------------------------------------------------
 
-_NUMBER_STR = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*(?:/\s*10)?\s*%?\s*$")
+_NUMBER_STR = re.compile(r"^\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*(?:/\s*10)?\s*%?\s*$")
 
 
 def _as_number(value: Any, what: str, raw: str) -> float:

@@ -26,6 +26,7 @@ from .records import (CompareResult, EvaluationChain, NeighborScore, Preference,
 # untrusted text (history, query, candidates) to these lengths, keeping head and tail.
 SHORTEN_STEPS = (4000, 2000, 1000, 500, 250)
 MAX_RESPONSES = 16  # score() compares all pairs: k(k-1)/2 pairs
+DEFAULT_MAX_TOKENS = 1280  # fits the default grammar's longest typical chain
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,11 @@ class Scorer:
     """
 
     def __init__(self, engine: Engine, *, n_samples: int = 1, n_neighbors: int = 0, seed: int = 0,
-                 max_tokens: int = 768, temperature: float = 1.0, top_p: float = 1.0, min_p: float = 0.0,
-                 constrained: bool = True, history_pairs: int = protocol.DEFAULT_HISTORY_PAIRS,
-                 c_self: float = 0.5, c_nb: float = 0.5, analysis_chars: tuple[int, int] = (40, 1200),
+                 max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 1.0, top_p: float = 1.0,
+                 min_p: float = 0.0, constrained: bool = True,
+                 history_pairs: int = protocol.DEFAULT_HISTORY_PAIRS, c_self: float = 0.5, c_nb: float = 0.5,
+                 analysis_chars: tuple[int, int] = protocol.DEFAULT_ANALYSIS_CHARS,
+                 max_criteria: int = protocol.DEFAULT_MAX_CRITERIA,
                  template=None, prototypes=None, bundle: Bundle | None = None):
         if n_samples < 0 or n_neighbors < 0 or n_samples + n_neighbors == 0:
             raise ConfigError(f"n_samples={n_samples}, n_neighbors={n_neighbors}: both must be >= 0 "
@@ -77,9 +80,16 @@ class Scorer:
         self.history_pairs = history_pairs
         self.c_self, self.c_nb = c_self, c_nb
         self.constrained = constrained
+        if constrained:
+            need = protocol.grammar_token_need(analysis_chars=analysis_chars, max_criteria=max_criteria)
+            if max_tokens < need:
+                raise ConfigError(f"max_tokens={max_tokens} is too small for the output grammar (analysis up to "
+                                  f"{analysis_chars[1]} characters, up to {max_criteria} criteria needs about "
+                                  f"{need} tokens); raise max_tokens or lower analysis_chars / max_criteria")
         self.params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, min_p=min_p,
-            grammar=protocol.output_grammar(analysis_chars=analysis_chars) if constrained else None)
+            grammar=protocol.output_grammar(analysis_chars=analysis_chars, max_criteria=max_criteria)
+            if constrained else None)
         self._lock = threading.Lock()
         self._personas: dict[str, str] = {}
 
@@ -88,7 +98,7 @@ class Scorer:
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, *, n_samples: int = 1, n_neighbors: int = 0,
                     device: str = "auto", seed: int = 0, n_ctx: int | None = None,
-                    n_threads: int | None = None, verify: str = "size", max_tokens: int = 768,
+                    n_threads: int | None = None, verify: str = "size", max_tokens: int = DEFAULT_MAX_TOKENS,
                     template=None, **options) -> "Scorer":
         """Open a bundle (verifying it first) and load its model, embedder and prototypes."""
         bundle = Bundle.open(path, verify=verify)  # type: ignore[arg-type]
@@ -111,7 +121,7 @@ class Scorer:
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, *, n_samples: int = 1, device: str = "auto", seed: int = 0,
-                  n_ctx: int | None = None, n_threads: int | None = None, max_tokens: int = 768,
+                  n_ctx: int | None = None, n_threads: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
                   **options) -> "Scorer":
         """A scorer on a bare GGUF file (no bundle, so no prototypes: n_neighbors stays 0)."""
         path = Path(path)
@@ -179,6 +189,25 @@ class Scorer:
                 counts[i] += 1
                 counts[j] += 1
         return [s / c if c else math.nan for s, c in zip(sums, counts)]
+
+    def add_user(self, profile: UserProfile, persona_text: Optional[str] = None) -> int:
+        """Add (or replace) a prototype member on this device; the bundle's index is updated atomically.
+
+        The persona embedded is `persona_text`, else `profile.persona`, else (for an index
+        built from history text) the history text itself. Returns the member's prototype.
+        """
+        _check_user(profile)
+        if self.prototypes is None:
+            raise ConfigError("this scorer has no prototype index: load a bundle with prototypes and "
+                              "n_neighbors > 0 to add users")
+        persona_text = persona_text or profile.persona
+        if persona_text is None:
+            if self.prototypes.persona_source != "history":
+                raise ConfigError("this prototype index was built from LLM persona analyses; pass persona_text "
+                                  "(e.g. the `analysis` of one of this user's chains)")
+            persona_text = protocol.persona_from_history(profile)
+        with self._lock:
+            return self.prototypes.add_user(profile, persona_text)
 
     # -- internals ---------------------------------------------------------------------
 

@@ -1,0 +1,197 @@
+"""The Scorer on real GGUF models loaded by llama.cpp: a tiny random Llama and SmolLM2-135M."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+
+from pgenrm_lite import (CompareResult, ConfigError, ContextOverflowError, Preference, Scorer, UserProfile)
+from pgenrm_lite.datasets import load_hh, rows_of_split, users_from_rows
+
+USER = UserProfile(user_id="alice", history=[
+    Preference(prompt="How do I sort a list in Python?", chosen="Use sorted(items).",
+               rejected="Sorting is a fundamental concept with a long history."),
+    Preference(prompt="Write a haiku about autumn.", chosen="Crimson leaves drifting.",
+               rejected="Autumn is a season. Leaves fall."),
+    Preference(prompt="Weather in Paris?", chosen="12 C and rain.", rejected="Paris is in France."),
+    Preference(prompt="Name a colour", chosen="Teal.", rejected="I cannot answer."),
+])
+PROMPT = "How do I reverse a string in Python?"
+A, B = "Use s[::-1].", "Strings are sequences of characters and reversing is an interesting topic."
+
+# Tiny-vocabulary model: about one character per token, so a generous max_tokens; one thread
+# because the model is too small to gain from two.
+FAST = dict(max_tokens=400, analysis_chars=(10, 120), max_criteria=2, n_threads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_scorer(tiny_gguf):
+    with Scorer.from_gguf(tiny_gguf, n_samples=3, n_ctx=4096, **FAST) as scorer:
+        yield scorer
+
+
+def test_compare_returns_a_complete_typed_result(tiny_scorer):
+    res = tiny_scorer.compare(USER, PROMPT, A, B)
+    assert isinstance(res, CompareResult)
+    assert res.n_samples == 3 and res.n_neighbors == 0 and res.seed == 0
+    assert res.n_parsed + res.n_failed == 3 == len(res.samples)
+    # The grammar guarantees the contract even on a random model.
+    assert res.n_failed == 0 and len(res.chains) == 3
+    assert res.preferred in ("a", "b", None)
+    assert res.score_a is not None and 0 <= res.score_a <= 10
+    mean_a = sum(s.score_a for s in res.samples) / 3
+    assert math.isclose(res.score_a, mean_a)
+    assert res.history_shown == 3  # three pairs by default
+    assert res.timing.n_generated_tokens == sum(s.n_tokens for s in res.samples) > 0
+    assert res.timing.decode_s > 0 and res.timing.n_groups == 1
+    # Each sample maps its chain back to the candidates it was shown in.
+    for s in res.samples:
+        s1, s2 = s.chain.final_scores
+        assert (s.score_a, s.score_b) == ((s2, s1) if s.swapped else (s1, s2))
+    assert CompareResult.from_json(res.to_json()) == res
+
+
+def test_same_seed_same_result_different_seed_different_samples(tiny_scorer):
+    first = tiny_scorer.compare(USER, PROMPT, A, B, seed=7)
+    again = tiny_scorer.compare(USER, PROMPT, A, B, seed=7)
+    assert first.model_dump(exclude={"timing"}) == again.model_dump(exclude={"timing"})
+    other = tiny_scorer.compare(USER, PROMPT, A, B, seed=8)
+    assert [c.raw for c in other.chains] != [c.raw for c in first.chains]
+    assert other.seed == 8
+
+
+def test_samples_within_a_call_differ(tiny_scorer):
+    res = tiny_scorer.compare(USER, PROMPT, A, B, seed=3)
+    assert len({c.raw for c in res.chains}) == 3
+
+
+def test_threads_give_the_same_results_as_sequential_calls(tiny_scorer):
+    seeds = list(range(6))
+    sequential = {s: tiny_scorer.compare(USER, PROMPT, A, B, seed=s) for s in seeds}
+    threaded: dict[int, CompareResult] = {}
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            threaded[seed] = tiny_scorer.compare(USER, PROMPT, A, B, seed=seed)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    for s in seeds:
+        assert threaded[s].model_dump(exclude={"timing"}) == sequential[s].model_dump(exclude={"timing"})
+
+
+def test_score_two_and_many_responses(tiny_scorer):
+    two = tiny_scorer.score(USER, PROMPT, [A, B])
+    res = tiny_scorer.compare(USER, PROMPT, A, B)
+    assert two == [res.score_a, res.score_b]
+    three = tiny_scorer.score(USER, PROMPT, [A, B, "No idea."])
+    assert len(three) == 3 and all(0 <= x <= 10 for x in three)
+    with pytest.raises(ConfigError, match="2 to 16"):
+        tiny_scorer.score(USER, PROMPT, [A])
+
+
+def test_unconstrained_failures_are_counted_not_hidden(tiny_gguf):
+    with Scorer.from_gguf(tiny_gguf, n_samples=2, constrained=False, n_ctx=2048, **FAST) as scorer:
+        res = scorer.compare(USER, PROMPT, A, B)
+    # A random model does not write the contract by itself: every sample fails, visibly.
+    assert res.n_failed == 2 and res.n_parsed == 0
+    assert res.preferred is None and res.score_a is None
+    assert all(s.error for s in res.samples)
+
+
+def test_long_history_is_fitted_to_the_context_and_recorded(tiny_gguf):
+    long = "word " * 600
+    user = UserProfile(user_id="long", history=[Preference(prompt=long, chosen=long, rejected=long)
+                                                for _ in range(3)])
+    with Scorer.from_gguf(tiny_gguf, n_samples=1, n_ctx=3000, **FAST) as scorer:
+        res = scorer.compare(user, PROMPT, A, B)
+    assert res.history_shown == 1
+    assert any("history pairs" in p for p in res.context_policy)
+    assert any("shortened" in p for p in res.context_policy)
+    assert res.n_parsed == 1
+
+
+def test_prompt_over_the_context_window_is_a_typed_error(tiny_gguf):
+    with Scorer.from_gguf(tiny_gguf, n_samples=1, n_ctx=512, **FAST) as scorer:
+        with pytest.raises(ContextOverflowError, match="larger n_ctx") as info:
+            scorer.compare(USER, PROMPT, A, B)
+    assert info.value.n_ctx == 512 and info.value.max_tokens == 400
+    assert info.value.n_prompt_tokens > 512 - 400
+
+
+def test_samples_that_do_not_fit_together_run_in_groups(tiny_gguf):
+    with Scorer.from_gguf(tiny_gguf, n_samples=6, n_ctx=2048, **FAST) as scorer:
+        res = scorer.compare(USER, PROMPT, A, B)
+    assert res.timing.n_groups > 1
+    assert any("groups" in n for n in res.notes)
+    assert res.n_parsed == 6
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(n_samples=0), "at least one"),
+    (dict(n_samples=1, n_neighbors=2), "prototype index"),
+    (dict(n_samples=1, c_self=-1.0), "weights"),
+    (dict(n_samples=1, history_pairs=-1), "history_pairs"),
+    (dict(n_samples=1, device="tpu"), "device"),
+    (dict(n_samples=1, max_tokens=50), "too small for the output grammar"),
+])
+def test_bad_configuration_is_a_config_error(tiny_gguf, kwargs, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        Scorer.from_gguf(tiny_gguf, **{**FAST, **kwargs})
+
+
+def test_bad_call_arguments_are_config_errors(tiny_scorer):
+    with pytest.raises(ConfigError, match="UserProfile"):
+        tiny_scorer.compare({"user_id": "x"}, PROMPT, A, B)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="must be a string"):
+        tiny_scorer.compare(USER, PROMPT, A, None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="limit"):
+        tiny_scorer.compare(USER, PROMPT, A, "x" * 300_000)
+
+
+def test_not_a_gguf_file_is_refused_before_llama_cpp(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(ConfigError, match="GGUF"):
+        Scorer.from_gguf(bad)
+
+
+def test_user_without_history_still_scores(tiny_scorer):
+    res = tiny_scorer.compare(UserProfile(user_id="new"), PROMPT, A, B)
+    assert res.history_shown == 0 and res.n_parsed == 3
+
+
+# -- the real model ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hh_pairs(hh_file):
+    rows = load_hh(hh_file, seed=0)
+    users = users_from_rows(rows)
+    tests = rows_of_split(rows)
+    picked = [r for r in tests if r.user_id == "helpful"][:10] + [r for r in tests if r.user_id == "harmless"][:10]
+    return users, picked
+
+
+def test_every_constrained_smollm2_sample_parses_on_20_real_pairs(smollm2_gguf, hh_pairs):
+    users, pairs = hh_pairs
+    assert len(pairs) == 20
+    with Scorer.from_gguf(smollm2_gguf, n_samples=1, max_tokens=448, analysis_chars=(20, 240),
+                          max_criteria=3, n_threads=2) as scorer:
+        results = [scorer.compare(users[r.user_id], r.prompt, r.chosen, r.rejected, seed=i)
+                   for i, r in enumerate(pairs)]
+    assert sum(r.n_parsed for r in results) == 20
+    assert sum(r.n_failed for r in results) == 0
+    for r in results:
+        chain = r.chains[0]
+        assert chain.criteria, "the grammar asks for at least one criterion"
+        assert all(1 <= s <= 10 for c in chain.criteria for s in c.scores)
+        assert 0 <= r.score_a <= 10 and 0 <= r.score_b <= 10
