@@ -79,7 +79,7 @@ def build_bundle(gguf: Path, out: Path, *, embedder_dir: Path | None = None, tem
         manifest = Manifest(schema_version=MANIFEST_SCHEMA_VERSION, files=[file_entry(tmp, tmp / r) for r in rels],
                             llm=llm, template=tmpl.to_dict(), embedder=embedder)
         write_manifest(tmp, manifest)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -104,7 +104,7 @@ def _copy_embedder(src: Path, bundle: Path) -> tuple[EmbedderInfo, list[str]]:
     return info, [f"{EMBEDDER_DIR}/{n}" for n in names]
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
+def replace_dir(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)

@@ -211,3 +211,6 @@ class Manifest(_Loose):
     template: dict[str, str]
     embedder: Optional[EmbedderInfo] = None
     prototypes: Optional[PrototypeInfo] = None
+    # Scorer options recommended for this model (e.g. a shorter analysis for a small model);
+    # arguments given to Scorer.from_bundle take precedence.
+    defaults: dict[str, Any] = Field(default_factory=dict)

@@ -98,26 +98,41 @@ class Scorer:
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, *, n_samples: int = 1, n_neighbors: int = 0,
                     device: str = "auto", seed: int = 0, n_ctx: int | None = None,
-                    n_threads: int | None = None, verify: str = "size", max_tokens: int = DEFAULT_MAX_TOKENS,
-                    template=None, **options) -> "Scorer":
-        """Open a bundle (verifying it first) and load its model, embedder and prototypes."""
+                    n_threads: int | None = None, verify: str = "size", **options) -> "Scorer":
+        """Open a bundle (verifying it first) and load its model, embedder and prototypes.
+
+        Options not given here fall back to the bundle's recommended `defaults`, then to
+        the Scorer's own defaults.
+        """
         bundle = Bundle.open(path, verify=verify)  # type: ignore[arg-type]
+        options = {**_known_defaults(bundle.manifest.defaults), **options}
+        options.setdefault("template", bundle.manifest.template)
+        max_tokens = options.get("max_tokens", DEFAULT_MAX_TOKENS)
         engine = Engine(bundle.llm_path, n_ctx=n_ctx or _auto_n_ctx(n_samples + n_neighbors, max_tokens),
                         n_threads=n_threads, device=device)
-        prototypes = None
-        if n_neighbors > 0 and bundle.manifest.prototypes is not None:
-            from .prototypes import PrototypeIndex
-
-            prototypes = PrototypeIndex.from_bundle(bundle, device=device, n_threads=n_threads)
-        if template is None:
-            template = bundle.manifest.template
         try:
+            prototypes = None
+            if n_neighbors > 0 and bundle.manifest.prototypes is not None:
+                from .prototypes import PrototypeIndex
+
+                prototypes = PrototypeIndex.from_bundle(bundle, device=device, n_threads=n_threads)
             return cls(engine, n_samples=n_samples, n_neighbors=n_neighbors, seed=seed,
-                       max_tokens=max_tokens, template=template, prototypes=prototypes, bundle=bundle,
-                       **options)
+                       prototypes=prototypes, bundle=bundle, **options)
         except BaseException:
             engine.close()
             raise
+
+    @classmethod
+    def default(cls, **kwargs) -> "Scorer":
+        """The embedded default bundle (see `pgenrm_lite.defaults.default_bundle_dir`)."""
+        from .defaults import default_bundle_dir
+        from .errors import BundleError
+
+        path = default_bundle_dir()
+        if not (path / "manifest.json").is_file():
+            raise BundleError(f"no default bundle at {path}; build it with `python -m export default-bundle` "
+                              "(or point PGENRM_LITE_BUNDLE at a bundle directory)")
+        return cls.from_bundle(path, **kwargs)
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, *, n_samples: int = 1, device: str = "auto", seed: int = 0,
@@ -376,6 +391,18 @@ def _add_stats(a, b):
     a.n_groups += b.n_groups
     a.notes.extend(b.notes)
     return a
+
+
+_TUNABLE = ("max_tokens", "temperature", "top_p", "min_p", "history_pairs", "c_self", "c_nb",
+            "analysis_chars", "max_criteria")
+
+
+def _known_defaults(defaults: dict) -> dict:
+    """The bundle's recommended options that the Scorer understands (others are ignored)."""
+    out = {k: v for k, v in defaults.items() if k in _TUNABLE}
+    if "analysis_chars" in out:
+        out["analysis_chars"] = tuple(out["analysis_chars"])
+    return out
 
 
 def _auto_n_ctx(n_sequences: int, max_tokens: int) -> int:

