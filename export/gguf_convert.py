@@ -249,6 +249,13 @@ def read_config(hf_dir: Path) -> dict:
 
 
 def model_spec(cfg: dict) -> ModelSpec:
+    try:
+        return _model_spec(cfg)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"config.json lacks or mangles a hyperparameter the converter needs: {exc}") from exc
+
+
+def _model_spec(cfg: dict) -> ModelSpec:
     archs = cfg.get("architectures") or []
     hf_arch = archs[0] if archs else f"<none; model_type={cfg.get('model_type')!r}>"
     if hf_arch not in SUPPORTED_ARCHITECTURES:
@@ -785,7 +792,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf", required=True, metavar="DIR", help="Hugging Face checkpoint folder")
     parser.add_argument("--out", required=True, metavar="FILE.gguf", help="output GGUF file")
     parser.add_argument("--outtype", choices=OUTTYPES, default="f16",
-                        help="tensor type (q4_k_m uses llama.cpp's quantiser); default f16")
+                        help="tensor type; default f16. q4_k_m goes through llama.cpp's quantiser "
+                             "and needs room for an f16/bf16 intermediate beside the output")
     parser.add_argument("--bpe-pre", metavar="NAME", default=None,
                         help="llama.cpp BPE pre-tokenizer name when auto-detection does not know the "
                              "tokenizer (e.g. gpt-2, llama-bpe, qwen2, smollm)")
