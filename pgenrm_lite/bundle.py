@@ -99,7 +99,10 @@ def _inside(root: Path, rel: str) -> Path:
     if p.is_absolute() or ".." in p.parts or not rel or "\\" in rel:
         raise BundleIntegrityError(f"manifest path {rel!r} escapes the bundle directory; "
                                    "paths must be relative and inside the bundle")
-    full = (root / Path(*p.parts)).resolve()
+    try:
+        full = (root / Path(*p.parts)).resolve()
+    except (OSError, ValueError, RuntimeError) as exc:  # NUL byte, name too long, symlink loop
+        raise BundleIntegrityError(f"manifest path {rel[:200]!r} is not a usable file name ({exc})") from exc
     if not full.is_relative_to(root.resolve()):
         raise BundleIntegrityError(f"manifest path {rel!r} resolves outside the bundle (symlink?)")
     return full

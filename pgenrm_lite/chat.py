@@ -44,7 +44,7 @@ class ChatFormatter:
         self.uses_fallback = template is None
         try:
             self._template = _environment().from_string(self.template_source)
-        except jinja2.TemplateError as exc:
+        except Exception as exc:  # TemplateSyntaxError, or e.g. RecursionError on absurd nesting
             raise ConfigError(f"the model's chat template does not compile ({exc}); pass a "
                               "chat_template= override") from exc
         self.bos_token = bos_token
@@ -57,8 +57,11 @@ class ChatFormatter:
         try:
             rendered = self._template.render(messages=stand_ins, add_generation_prompt=True,
                                              bos_token=self.bos_token, eos_token=self.eos_token)
-        except jinja2.TemplateError as exc:
-            raise ConfigError(f"the chat template failed to render these messages: {exc}") from exc
+        except Exception as exc:
+            # The template is data from the model file: whatever it raises (a SecurityError from the
+            # sandbox, OverflowError from a huge range(), TypeError, ...) is a configuration problem.
+            raise ConfigError(f"the chat template failed to render these messages: "
+                              f"{type(exc).__name__}: {exc}") from exc
         parts: list[tuple[str, bool]] = []
         rest = rendered
         for m, mark in zip(messages, marks):

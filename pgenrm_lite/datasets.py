@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import random
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import orjson
 
 from .errors import DataFormatError, RecordError
 from .protocol import derive_seed
-from .records import MAX_TEXT_CHARS, Preference, UserProfile
+from .records import MAX_TEXT_CHARS, MAX_USER_ID_CHARS, Preference, UserProfile
 
 SPLITS = ("train", "val", "test")
 
@@ -46,7 +47,7 @@ def _open_lines(path: Path) -> Iterator[tuple[int, bytes]]:
                     yield i, line
     except FileNotFoundError as exc:
         raise DataFormatError("file does not exist", path=str(path)) from exc
-    except (OSError, EOFError) as exc:  # e.g. a truncated or non-gzip .gz file
+    except (OSError, EOFError, zlib.error) as exc:  # e.g. a truncated, corrupted or non-gzip .gz file
         raise DataFormatError(f"cannot be read ({exc})", path=str(path)) from exc
 
 
@@ -69,22 +70,23 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
             raise DataFormatError(f"not valid JSON ({exc})", path=str(path), line=lineno) from exc
 
 
-def _text(obj: dict, key: str, where: dict) -> str:
+def _text(obj: dict, key: str, where: dict, *, label: str | None = None) -> str:
     value = obj.get(key)
+    label = label or key
     if not isinstance(value, str):
-        raise DataFormatError(f"field '{key}' must be a string, got {type(value).__name__}", field=key, **where)
+        raise DataFormatError(f"field '{label}' must be a string, got {type(value).__name__}", field=label, **where)
     if len(value) > MAX_TEXT_CHARS:
-        raise DataFormatError(f"field '{key}' is longer than {MAX_TEXT_CHARS} characters", field=key, **where)
+        raise DataFormatError(f"field '{label}' is longer than {MAX_TEXT_CHARS} characters", field=label, **where)
     return value
 
 
 def _message_content(row: dict, key: str, where: dict) -> str:
     msg = row.get(key)
     if isinstance(msg, str):
-        return msg
+        return _text(row, key, where)
     if not isinstance(msg, dict):
         raise DataFormatError(f"field '{key}' must be a {{role, content}} object", field=key, **where)
-    return _text(msg, "content", {**where})
+    return _text(msg, "content", where, label=f"{key}.content")
 
 
 def render_context(context: list, where: dict) -> str:
@@ -94,13 +96,17 @@ def render_context(context: list, where: dict) -> str:
                               field="context", **where)
     turns = []
     for i, turn in enumerate(context):
-        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
+        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str) \
+                or not isinstance(turn.get("role", "user"), str):
             raise DataFormatError(f"field 'context[{i}]' must be a {{role, content}} object with "
-                                  "string content", field=f"context[{i}]", **where)
-        turns.append((str(turn.get("role", "user")), turn["content"]))
-    if len(turns) == 1:
-        return turns[0][1]
-    return "\n\n".join(f"{'User' if r == 'user' else 'Assistant'}: {c}" for r, c in turns)
+                                  "string role and content", field=f"context[{i}]", **where)
+        turns.append((turn.get("role", "user"), turn["content"]))
+    text = turns[0][1] if len(turns) == 1 else "\n\n".join(
+        f"{'User' if r == 'user' else 'Assistant'}: {c}" for r, c in turns)
+    if len(text) > MAX_TEXT_CHARS:
+        raise DataFormatError(f"field 'context' is longer than {MAX_TEXT_CHARS} characters", field="context",
+                              **where)
+    return text
 
 
 def parse_row(obj: Any, *, path: str | None = None, line: int | None = None) -> Row:
@@ -111,13 +117,21 @@ def parse_row(obj: Any, *, path: str | None = None, line: int | None = None) -> 
         if key not in obj:
             raise DataFormatError(f"missing field '{key}'", field=key, **where)
     user_id = obj["user_id"]
-    if not isinstance(user_id, (str, int)) or isinstance(user_id, bool) or str(user_id) == "":
-        raise DataFormatError("field 'user_id' must be a non-empty string", field="user_id", **where)
+    if isinstance(user_id, int) and not isinstance(user_id, bool) and abs(user_id) < 10 ** 256:
+        user_id = str(user_id)
+    if not isinstance(user_id, str) or not 0 < len(user_id) <= MAX_USER_ID_CHARS:
+        raise DataFormatError(f"field 'user_id' must be a non-empty string of at most {MAX_USER_ID_CHARS} "
+                              "characters", field="user_id", **where)
     split = obj.get("split", "train")
-    if split not in SPLITS:
-        raise DataFormatError(f"field 'split' is {split!r}; expected one of {SPLITS}", field="split", **where)
+    if not isinstance(split, str) or split not in SPLITS:
+        shown = repr(split[:40]) if isinstance(split, str) else f"a {type(split).__name__}"
+        raise DataFormatError(f"field 'split' is {shown}; expected one of {SPLITS}", field="split", **where)
     conv = obj.get("conversation_id")
-    return Row(user_id=str(user_id), prompt=render_context(obj["context"], where),
+    if conv is not None and (isinstance(conv, bool) or not isinstance(conv, (str, int))
+                             or isinstance(conv, int) and abs(conv) >= 10 ** 256):
+        raise DataFormatError("field 'conversation_id' must be a string or an integer", field="conversation_id",
+                              **where)
+    return Row(user_id=user_id, prompt=render_context(obj["context"], where),
                chosen=_message_content(obj, "chosen", where), rejected=_message_content(obj, "rejected", where),
                split=split, conversation_id=None if conv is None else str(conv))
 

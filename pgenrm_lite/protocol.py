@@ -328,7 +328,8 @@ def _criteria(rationale: Any, raw: str) -> list[Criterion]:
 def parse_chain(text: str) -> EvaluationChain:
     """Parse one generated evaluation chain; raise `ChainParseError` (with `.raw`) if it breaks the contract."""
     if not isinstance(text, str):
-        raise ChainParseError(f"expected generated text (str), got {type(text).__name__}", repr(text))
+        raise ChainParseError(f"expected generated text (str), got {type(text).__name__}",
+                              f"<{type(text).__name__} object>")
     analysis, body = _json_block(text)
     obj = _load_object(body, text)
     verdict = _lookup(obj, "better_response")

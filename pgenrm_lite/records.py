@@ -16,10 +16,18 @@ from .errors import RecordError
 # Documented size limits: a record above them is refused rather than silently cut.
 MAX_TEXT_CHARS = 200_000
 MAX_HISTORY_PAIRS = 10_000
+MAX_USER_ID_CHARS = 256
 
 
 class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init__(self, /, **data: Any):
+        # Construction in code gets the same typed error as parsing JSON.
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise RecordError(f"{type(self).__name__}: {_describe(exc)}") from exc
 
     @classmethod
     def from_json(cls, data: bytes | str):
@@ -67,7 +75,7 @@ class Preference(_Record):
 class UserProfile(_Record):
     """A user: their preference history and, optionally, stated preferences (free text)."""
 
-    user_id: str = Field(min_length=1, max_length=256)
+    user_id: str = Field(min_length=1, max_length=MAX_USER_ID_CHARS)
     history: list[Preference] = Field(default_factory=list, max_length=MAX_HISTORY_PAIRS)
     stated_preferences: Optional[str] = Field(default=None, max_length=MAX_TEXT_CHARS)
     # A persona text already derived for this user (prototype members may carry only this).

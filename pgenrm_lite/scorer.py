@@ -395,11 +395,30 @@ def _add_stats(a, b):
 
 _TUNABLE = ("max_tokens", "temperature", "top_p", "min_p", "history_pairs", "c_self", "c_nb",
             "analysis_chars", "max_criteria")
+_INT_OPTIONS = ("max_tokens", "history_pairs", "max_criteria")
 
 
 def _known_defaults(defaults: dict) -> dict:
-    """The bundle's recommended options that the Scorer understands (others are ignored)."""
+    """The bundle's recommended options that the Scorer understands (others are ignored).
+
+    The manifest is data: a value of the wrong type is a `BundleError` naming the option.
+    """
+    from .errors import BundleError
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and abs(v) < 1 << 31
+
     out = {k: v for k, v in defaults.items() if k in _TUNABLE}
+    for k, v in out.items():
+        if k == "analysis_chars":
+            ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(is_int(x) for x in v)
+        elif k in _INT_OPTIONS:
+            ok = is_int(v)
+        else:
+            ok = is_int(v) or isinstance(v, float) and math.isfinite(v)
+        if not ok:
+            raise BundleError(f"the manifest's recommended option {k!r} has the wrong type ({type(v).__name__}); "
+                              "fix the bundle's manifest 'defaults' or rebuild the bundle")
     if "analysis_chars" in out:
         out["analysis_chars"] = tuple(out["analysis_chars"])
     return out
@@ -424,3 +443,8 @@ def _check_text(name: str, text: object) -> None:
         raise ConfigError(f"{name} must be a string, got {type(text).__name__}")
     if len(text) > MAX_TEXT_CHARS:
         raise ConfigError(f"{name} has {len(text)} characters; the limit is {MAX_TEXT_CHARS}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: not text llama.cpp can tokenize
+        raise ConfigError(f"{name} is not valid Unicode: a lone surrogate at character {exc.start}; "
+                          "decode the text properly (e.g. errors='replace')") from exc
