@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+# llama.cpp here is built with OpenMP, whose threads spin while waiting; when the cores are
+# shared with other work that slows decoding by 5x or more. Tests measure no speed, so let
+# waiting threads sleep (this must be set before llama.cpp's library is loaded).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 HH_FILE = SHARED_DATA / "hh_two_users_test.jsonl.gz"
