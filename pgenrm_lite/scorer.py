@@ -212,9 +212,16 @@ class Scorer:
         built from history text) the history text itself. Returns the member's prototype.
         """
         _check_user(profile)
+        with self._lock:
+            if self.prototypes is None and self.bundle is not None and self.bundle.manifest.prototypes:
+                from .prototypes import PrototypeIndex
+
+                # Loaded on first use: a scorer with n_neighbors=0 need not hold the embedder otherwise.
+                self.prototypes = PrototypeIndex.from_bundle(self.bundle, device=self.engine.device,
+                                                             n_threads=self.engine.n_threads)
         if self.prototypes is None:
-            raise ConfigError("this scorer has no prototype index: load a bundle with prototypes and "
-                              "n_neighbors > 0 to add users")
+            raise ConfigError("this scorer has no prototype index: load a bundle built with "
+                              "`python -m export prototypes` to add users")
         persona_text = persona_text or profile.persona
         if persona_text is None:
             if self.prototypes.persona_source != "history":
