@@ -551,6 +551,10 @@ def test_end_to_end_compare_with_neighbours(tmp_path, smollm2_gguf, minilm_onnx,
     print(f"end-to-end compare + add_user: {time.monotonic() - t0:.1f}s")
     reopened = Bundle.open(root, verify="full")
     assert reopened.manifest.prototypes.n_members == 9
-    with Scorer.from_bundle(root, n_samples=1, n_threads=2) as plain:  # n_neighbors=0: no index loaded
+    with Scorer.from_bundle(root, n_samples=1, n_threads=2) as plain:  # n_neighbors=0: loaded on first use
+        assert plain.prototypes is None
+        plain.add_user(UserProfile(user_id="second", history=me.history[2:4]))
+    assert Bundle.open(root, verify="full").manifest.prototypes.n_members == 10
+    with Scorer.from_gguf(smollm2_gguf, n_samples=1, n_threads=2) as bare:  # no bundle, no index
         with pytest.raises(ConfigError, match="no prototype index"):
-            plain.add_user(newcomer)
+            bare.add_user(newcomer)
