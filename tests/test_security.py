@@ -360,3 +360,11 @@ def test_verify_cli_on_a_missing_file_and_an_escaping_path(copy):
     proc = _verify_cli(copy)
     assert proc.returncode == 1 and "escapes the bundle" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("template", ["{{ 'a' * 10**10 }}", "{{ [0] * 10**9 }}", "{{ 2 ** 100000 }}"])
+def test_chat_template_cannot_build_huge_values(template):
+    from pgenrm_lite.chat import ChatFormatter
+
+    with pytest.raises(ConfigError, match="too large"):  # "value that is too large" / "exponent too large"
+        ChatFormatter(template).render_parts([{"role": "user", "content": "x"}])
