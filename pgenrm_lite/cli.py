@@ -143,6 +143,18 @@ def _eval_rows(args):
     from .datasets import load_hh, load_rows, rows_of_split, users_from_rows
     from .evaluation import interleave_by_user
 
+    if args.format == "rewardbench":
+        from .datasets import load_profiles, load_rewardbench
+
+        rows = load_rewardbench(args.data, user_column=args.user_column)
+        # Users come from --profiles; a row without a known user gets the non-personalised judge.
+        users = load_profiles(args.profiles) if args.profiles else {}
+        tests = interleave_by_user(rows)
+        if args.limit is not None:
+            tests = tests[: args.limit]
+        if not tests:
+            raise ConfigError(f"{args.data} has no rows to judge")
+        return users, tests
     if args.format == "hh":
         rows = load_hh(args.data, seed=args.split_seed)
     else:
@@ -169,6 +181,11 @@ def cmd_eval(args) -> int:
                   "tie_conventions": {"accuracy_official": "ties and unparseable pairs dropped from the denominator",
                                       "accuracy_rewardbench": "ties and unparseable pairs counted wrong"}}
 
+        if args.format == "rewardbench":
+            config.update(user_column=args.user_column, profiles=args.profiles and str(args.profiles),
+                          users_known=sorted({r.user_id for r in tests} & set(users)),
+                          rewardbench_score="RewardBench's own score: chosen 1, rejected 0, tie or no parse 0.5")
+
         def judge(user, row, seed):
             res = scorer.compare(user, row.prompt, row.chosen, row.rejected, seed=seed)
             return res.preferred, res.n_parsed, res.n_failed
@@ -176,6 +193,11 @@ def cmd_eval(args) -> int:
         with Progress(len(tests), "eval", unit="pairs") as bar:
             report = evaluate(judge, users, tests, seed=args.seed, config=config,
                               on_result=lambda _: bar.update(1))
+    if args.format == "rewardbench":
+        from .integrations.rewardbench import rewardbench_score
+
+        for summary in (report.overall, *report.per_user.values()):
+            summary["rewardbench_score"] = rewardbench_score(summary)
     if args.json:
         _emit_json({"config": report.config, "overall": report.overall, "per_user": report.per_user})
         return 0
@@ -194,6 +216,25 @@ def _print_accuracy(name: str, s: dict) -> None:
     print(f"{name:>16}: {pct(s['accuracy_official'])} {ci_txt} (official, n={s['correct'] + s['wrong']})  "
           f"{pct(s['accuracy_rewardbench'])} (ties/failures wrong, n={s['pairs']})  "
           f"ties={s['ties']} unparsed={s['no_parse']}")
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .integrations.server import serve
+    except ImportError as exc:
+        raise ConfigError(f"the reward server needs the `serve` extra: pip install 'pgenrm-lite[serve]' ({exc})") from exc
+    from .datasets import load_profiles
+
+    profiles = load_profiles(args.profiles) if args.profiles else {}
+    with _open_scorer(args) as scorer:
+        print(f"pgenrm-lite: serving {len(profiles)} user profile(s) on http://{args.host}:{args.port}/get_reward "
+              f"(Ind-{scorer.n_samples}/Pro-{scorer.n_neighbors}, queue {args.queue_size})", file=sys.stderr)
+        options = {"queue_size": args.queue_size, "max_body_bytes": args.max_body_bytes,
+                   "unparsed_reward": args.unparsed_reward}
+        if args.reference is not None:
+            options["reference"] = read_text_arg(args.reference)
+        serve(scorer, profiles, host=args.host, port=args.port, **options)
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -315,11 +356,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="pairwise accuracy on a PersonalRewardBench-format or HH file")
     _common(p)
     p.add_argument("data", type=Path, help="data file (.jsonl, .jsonl.gz, .json)")
-    p.add_argument("--format", choices=("prb", "hh"), default="prb",
-                   help="prb: PersonalRewardBench rows; hh: the two-user HH-RLHF relabelling")
+    p.add_argument("--format", choices=("prb", "hh", "rewardbench"), default="prb",
+                   help="prb: PersonalRewardBench rows; hh: the two-user HH-RLHF relabelling; "
+                        "rewardbench: prompt/chosen/rejected rows")
+    p.add_argument("--user-column", default=None, help="rewardbench: the column holding each row's user id")
+    p.add_argument("--profiles", type=Path, default=None,
+                   help="rewardbench: UserProfile records (JSON list or JSON Lines); rows whose user is not "
+                        "there use the non-personalised judge")
     p.add_argument("--limit", type=int, default=None, help="judge at most N test pairs (round-robin over users)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the history/test split (hh)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="OpenRLHF-compatible HTTP reward server (POST /get_reward, GET /health)")
+    _common(p)
+    p.add_argument("--profiles", type=Path, default=None,
+                   help="UserProfile records (JSON list or JSON Lines); the label of a request names the user")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--queue-size", type=int, default=64, help="requests waiting for the model before 503 (default 64)")
+    p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="larger bodies get 413 (default 16 MiB)")
+    p.add_argument("--reference", default=None,
+                   help="reference response for a rollout alone in its request (text, @FILE); default: a refusal")
+    p.add_argument("--unparsed-reward", type=float, default=5.0,
+                   help="reward when no chain parsed (default 5.0, the middle of the 0-10 scale)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="show a bundle's manifest")
     _common(p, model=False)

@@ -198,3 +198,63 @@ def users_from_rows(rows: Iterable[Row], *, splits: tuple[str, ...] = ("train",)
 
 def rows_of_split(rows: Iterable[Row], split: Literal["test", "val"] = "test") -> list[Row]:
     return [r for r in rows if r.split == split]
+
+
+# -- user profiles and RewardBench-style pairs (integrations) --------------------------------
+
+NO_USER = "(no user)"  # the user id of RewardBench rows that name no user
+
+
+def load_profiles(path: str | Path) -> dict[str, UserProfile]:
+    """`UserProfile` records from a JSON list (or one object) or a JSON Lines file, keyed by user id."""
+    path = Path(path)
+    out: dict[str, UserProfile] = {}
+    for lineno, obj in _records(path):
+        where = {"path": str(path), "line": lineno}
+        try:
+            profile = UserProfile.validate_obj(obj)
+        except RecordError as exc:
+            raise DataFormatError(f"not a UserProfile record: {exc}", **where) from exc
+        if profile.user_id in out:
+            raise DataFormatError(f"user_id {profile.user_id!r} appears twice", field="user_id", **where)
+        out[profile.user_id] = profile
+    return out
+
+
+def _last_turn_text(value: Any, key: str, where: dict) -> str:
+    """A RewardBench response: a string, a {role, content} object, or a message list (its last turn)."""
+    if isinstance(value, list) and value:
+        value = value[-1]
+    return _message_content({key: value}, key, where)
+
+
+def load_rewardbench(path: str | Path, *, user_column: str | None = None) -> list[Row]:
+    """Pairs of a RewardBench-style file (`prompt`, `chosen`, `rejected`; .jsonl, .jsonl.gz or .json).
+
+    `prompt` is a string or a list of {role, content} turns; `chosen`/`rejected` a string, a
+    {role, content} object or a message list (its last turn). With `user_column`, a row's user
+    is that column (rows where it is missing or empty get `NO_USER`). Every row is a test pair;
+    `id` (if present) is kept as the conversation id.
+    """
+    path = Path(path)
+    rows: list[Row] = []
+    for lineno, obj in _records(path):
+        where = {"path": str(path), "line": lineno}
+        if not isinstance(obj, dict):
+            raise DataFormatError(f"a row must be a JSON object, got {type(obj).__name__}", **where)
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in obj:
+                raise DataFormatError(f"missing field '{key}'", field=key, **where)
+        prompt = obj["prompt"]
+        prompt = _text(obj, "prompt", where) if not isinstance(prompt, list) else render_context(prompt, where)
+        user = obj.get(user_column) if user_column else None
+        if isinstance(user, bool) or (user is not None and not isinstance(user, (str, int))):
+            raise DataFormatError(f"field '{user_column}' must be a string user id", field=user_column, **where)
+        user_id = str(user) if user is not None and str(user) != "" else NO_USER
+        if len(user_id) > 256:
+            raise DataFormatError(f"field '{user_column}' is longer than 256 characters", field=user_column, **where)
+        conv = obj.get("id")
+        rows.append(Row(user_id=user_id, prompt=prompt, chosen=_last_turn_text(obj["chosen"], "chosen", where),
+                        rejected=_last_turn_text(obj["rejected"], "rejected", where), split="test",
+                        conversation_id=None if conv is None else str(conv)))
+    return rows
