@@ -138,10 +138,11 @@ def fmt(x: float | None, digits: int = 2, suffix: str = "") -> str:
     return "n/a" if x is None else f"{x:.{digits}f}{suffix}"
 
 
-def write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict, *, quiet: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
 
 
 def new_figure(n_panels: int, width: float = 6.0, height: float = 4.2):
