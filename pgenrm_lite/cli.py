@@ -53,7 +53,7 @@ def _open_scorer(args, **overrides):
         raise BundleError(f"no default bundle at {path}; build it with `python -m export default-bundle` "
                           "or pass --bundle DIR")
     options: dict[str, Any] = {}
-    for name in ("max_tokens", "temperature"):
+    for name in ("max_tokens", "temperature", "expected_scores"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     options.update(overrides)
@@ -327,6 +327,8 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per chain (default: the bundle's)")
     p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--expected-scores", action="store_true", default=None,
+                   help="read each chain's final scores as digit expectations (lower variance per chain)")
 
 
 def build_parser() -> argparse.ArgumentParser:

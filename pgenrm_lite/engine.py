@@ -9,6 +9,7 @@ sequence copy. Each sample has its own seeded sampler chain (and grammar, if giv
 
 from __future__ import annotations
 
+import codecs
 import ctypes
 import logging
 import os
@@ -42,6 +43,9 @@ class Completion:
     n_tokens: int
     finish_reason: str  # "stop" (end of generation) or "length" (max_tokens reached)
     seed: int
+    # With SamplingParams.digit_probs: for each generated digit, its character offset in
+    # `text` and the sampling distribution over "0".."9" at that step (grammar applied).
+    digit_probs: dict[int, tuple[float, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -61,12 +65,14 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     grammar: str | None = None
+    digit_probs: bool = False  # record the digit distribution wherever a digit is drawn
 
 
 class _Sample:
     """Decoding state of one sequence."""
 
-    __slots__ = ("seq", "seed", "chain", "grammar", "pos", "tokens", "pieces", "done", "finish", "next_token")
+    __slots__ = ("seq", "seed", "chain", "grammar", "pos", "tokens", "pieces", "done", "finish", "next_token",
+                 "digits")
 
     def __init__(self, seq: int, seed: int, chain, grammar, pos: int):
         self.seq = seq
@@ -79,6 +85,7 @@ class _Sample:
         self.done = False
         self.finish = "length"
         self.next_token = -1
+        self.digits: dict[int, tuple[float, ...]] = {}  # token index -> digit distribution
 
 
 class Engine:
@@ -143,6 +150,9 @@ class Engine:
         self._piece_buf = ctypes.create_string_buffer(256)
         self._one = _TokenArray(1)
         self._full = _TokenArray(self.n_vocab)
+        self._want_digits = False
+        self._digit_ids: np.ndarray | None = None
+        self._digit_of: dict[int, int] = {}
         self.chat_template = self._meta("tokenizer.chat_template")
         self.architecture = self._meta("general.architecture") or "unknown"
         bos = llama_cpp.llama_vocab_bos(self._vocab)
@@ -249,6 +259,7 @@ class Engine:
                     f"{need} tokens but the context holds {self.n_ctx}; shorten the input, lower "
                     "max_tokens or load with a larger n_ctx",
                     n_prompt_tokens=len(r.tokens), max_tokens=params.max_tokens, n_ctx=self.n_ctx)
+        self._prepare_digits(params)
         stats = GenerationStats()
         results: list[list[Completion | None]] = [[None] * len(r.seeds) for r in requests]
         for group in self._plan_groups(requests, params.max_tokens):
@@ -317,8 +328,9 @@ class Engine:
             llama_cpp.llama_memory_clear(self._mem, True)
         for (ri, si), s in samples.items():
             stats.n_generated_tokens += len(s.tokens)
-            text = b"".join(s.pieces).decode("utf-8", errors="replace")
-            results[ri][si] = Completion(text=text, n_tokens=len(s.tokens), finish_reason=s.finish, seed=s.seed)
+            text, digit_probs = _decode_pieces(s.pieces, s.digits)
+            results[ri][si] = Completion(text=text, n_tokens=len(s.tokens), finish_reason=s.finish, seed=s.seed,
+                                         digit_probs=digit_probs)
 
     def _prefill(self, seq: int, tokens: tuple[int, ...], evaluated) -> int:
         """Put `tokens` into sequence `seq`, copying the longest prefix already cached. Returns tokens evaluated."""
@@ -378,7 +390,16 @@ class Engine:
             raise EngineError(f"llama_decode failed with code {rc}")
 
     def _sample(self, s: _Sample, row: int) -> int:
-        """Draw one token for `s` from batch row `row`, honouring its grammar.
+        """Draw one token for `s` from batch row `row` and advance its grammar."""
+        token = self._draw(s, row)
+        if self._want_digits and token in self._digit_of:
+            s.digits[len(s.tokens)] = self._digit_distribution(s, row)
+        if s.grammar is not None:
+            llama_cpp.llama_sampler_accept(s.grammar, token)
+        return token
+
+    def _draw(self, s: _Sample, row: int) -> int:
+        """A token from the grammar-masked distribution, without advancing the grammar.
 
         The token is first drawn without the grammar and kept if the grammar accepts it;
         only when it does not is the grammar applied to the whole vocabulary and the draw
@@ -393,7 +414,6 @@ class Engine:
         one.arr.size, one.arr.selected, one.arr.sorted = 1, -1, False
         llama_cpp.llama_sampler_apply(s.grammar, ctypes.byref(one.arr))
         if np.isfinite(one.data[0].logit):
-            llama_cpp.llama_sampler_accept(s.grammar, token)
             return token
         full = self._full
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,))
@@ -406,9 +426,41 @@ class Engine:
         llama_cpp.llama_sampler_apply(s.chain, ctypes.byref(full.arr))
         if full.arr.selected < 0:
             raise EngineError("the sampler selected no token (the grammar allows nothing here)")
-        token = full.arr.data[full.arr.selected].id
-        llama_cpp.llama_sampler_accept(s.grammar, token)
-        return token
+        return full.arr.data[full.arr.selected].id
+
+    def _digit_distribution(self, s: _Sample, row: int) -> tuple[float, ...]:
+        """P(digit) over "0".."9" at this step: temperature applied, grammar-masked, summed per digit."""
+        ids, values = self._digit_ids, self._digit_values
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,))
+        z = logits[ids].astype(np.float64) / self._digit_temperature
+        if s.grammar is not None:
+            arr = self._digits_arr
+            arr.view["id"] = ids
+            arr.view["logit"] = 0.0
+            arr.view["p"] = 0.0
+            arr.arr.size, arr.arr.selected, arr.arr.sorted = len(ids), -1, False
+            arr.arr.data = arr.data
+            llama_cpp.llama_sampler_apply(s.grammar, ctypes.byref(arr.arr))
+            z = np.where(np.isfinite(arr.view["logit"]), z, -np.inf)
+        p = np.exp(z - z.max())
+        per_digit = np.bincount(values, weights=p, minlength=10)
+        return tuple(float(x) for x in per_digit / per_digit.sum())
+
+    def _prepare_digits(self, params: SamplingParams) -> None:
+        """Find the vocabulary's digit tokens (once) when a call asks for digit distributions."""
+        self._want_digits = params.digit_probs
+        self._digit_temperature = params.temperature if params.temperature > 0 else 1.0
+        if not params.digit_probs or self._digit_ids is not None:
+            return
+        found = [(t, int(piece)) for t in range(self.n_vocab)
+                 if len(piece := self.token_bytes(t)) == 1 and piece.isdigit()]
+        if {d for _, d in found} != set(range(10)):
+            raise ConfigError("digit read-outs need a vocabulary with a token for each digit 0-9; this "
+                              "model's has none for some, so turn the expected-score read-out off")
+        self._digit_ids = np.array([t for t, _ in found], dtype=np.int32)
+        self._digit_values = np.array([d for _, d in found], dtype=np.int64)
+        self._digit_of = {t: d for t, d in found}
+        self._digits_arr = _TokenArray(len(found))
 
     def _make_grammar(self, params: SamplingParams):
         if not params.grammar:
@@ -442,6 +494,22 @@ class _TokenArray:
         self.arr = llama_cpp.llama_token_data_array(data=self.data, size=n, selected=-1, sorted=False)
         dtype = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
         self.view = np.frombuffer(self.data, dtype=dtype)
+
+
+def _decode_pieces(pieces: list[bytes], digits: dict[int, tuple[float, ...]]) -> tuple[str, dict]:
+    """The text of the pieces, and each recorded digit's character offset in it."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    parts: list[str] = []
+    n_chars = 0
+    by_offset: dict[int, tuple[float, ...]] = {}
+    for i, piece in enumerate(pieces):
+        part = decoder.decode(piece)
+        if i in digits:  # a digit piece is one ASCII byte: the last character decoded
+            by_offset[n_chars + len(part) - 1] = digits[i]
+        parts.append(part)
+        n_chars += len(part)
+    parts.append(decoder.decode(b"", final=True))
+    return "".join(parts), by_offset
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

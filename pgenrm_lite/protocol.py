@@ -344,6 +344,45 @@ def parse_chain(text: str) -> EvaluationChain:
                            final_scores=finals, raw=text)
 
 
+_FINALS = re.compile(r'"better_response":\s*\{\s*"response_1":\s*(\d+(?:\.\d+)?)\s*,'
+                     r'\s*"response_2":\s*(\d+(?:\.\d+)?)\s*\}')
+
+
+def expected_final_scores(text: str, digit_probs: dict[int, Sequence[float]]) -> tuple[float, float] | None:
+    """The two final scores with every digit replaced by its expected value under the model.
+
+    `digit_probs` maps a character offset of `text` to the distribution over "0".."9" that
+    the digit there was drawn from. A final score's digits are read as d0.d1d2; each is
+    replaced by sum_k k * P(k) at its place value, given the digits sampled before it. This
+    keeps the chain's sampled path and lowers the variance of the number read from it.
+    A score whose integer part has two digits (10, the grammar's maximum) is kept as sampled:
+    its first "1" is a tens digit, and the other choices at that step (units digits) share
+    no place value with it.
+    None when the block is not in the grammar's form or a digit has no distribution.
+    """
+    start = text.rfind(JSON_START)
+    found = _FINALS.search(text, start if start >= 0 else 0)
+    if start < 0 or found is None:
+        return None
+    values = []
+    for group in (1, 2):
+        number, at = found.group(group), found.start(group)
+        if len(number.split(".")[0]) > 1:
+            values.append(float(number))
+            continue
+        total, place = 0.0, 1.0
+        for offset, ch in enumerate(number):
+            if ch == ".":
+                continue
+            probs = digit_probs.get(at + offset)
+            if probs is None or len(probs) != 10:
+                return None
+            total += place * sum(k * p for k, p in enumerate(probs))
+            place /= 10
+        values.append(total)
+    return values[0], values[1]
+
+
 def scores_for_candidates(chain: EvaluationChain, swapped: bool) -> tuple[float, float]:
     """Map a chain's (Response 1, Response 2) scores back to (a, b)."""
     s1, s2 = chain.final_scores

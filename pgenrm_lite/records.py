@@ -118,6 +118,9 @@ class Sample(_Record):
     error: Optional[str] = None  # why the sample failed to parse, when it did
     score_a: Optional[float] = None
     score_b: Optional[float] = None
+    # "expected": score_a/score_b are the digit-expectation read-out of the chain's final
+    # scores; "sampled": they are the numbers the chain wrote (chain.final_scores).
+    readout: Literal["sampled", "expected"] = "sampled"
 
 
 class NeighborScore(_Record):
@@ -151,6 +154,7 @@ class CompareResult(_Record):
     n_neighbors: int
     c_self: float = 0.5
     c_nb: float = 0.5
+    expected_scores: bool = False  # final scores read as digit expectations (Scorer option)
     neighbors: list[NeighborScore] = Field(default_factory=list)
     history_shown: int = 0
     context_policy: list[str] = Field(default_factory=list)  # what was cut to fit the window

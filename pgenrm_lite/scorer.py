@@ -61,7 +61,7 @@ class Scorer:
                  min_p: float = 0.0, constrained: bool = True,
                  history_pairs: int = protocol.DEFAULT_HISTORY_PAIRS, c_self: float = 0.5, c_nb: float = 0.5,
                  analysis_chars: tuple[int, int] = protocol.DEFAULT_ANALYSIS_CHARS,
-                 max_criteria: int = protocol.DEFAULT_MAX_CRITERIA,
+                 max_criteria: int = protocol.DEFAULT_MAX_CRITERIA, expected_scores: bool = False,
                  template=None, prototypes=None, bundle: Bundle | None = None):
         if n_samples < 0 or n_neighbors < 0 or n_samples + n_neighbors == 0:
             raise ConfigError(f"n_samples={n_samples}, n_neighbors={n_neighbors}: both must be >= 0 "
@@ -80,6 +80,9 @@ class Scorer:
         self.history_pairs = history_pairs
         self.c_self, self.c_nb = c_self, c_nb
         self.constrained = constrained
+        # Read each chain's final scores as expected values over the digits (see
+        # protocol.expected_final_scores) instead of the sampled numbers.
+        self.expected_scores = bool(expected_scores)
         if constrained:
             need = protocol.grammar_token_need(analysis_chars=analysis_chars, max_criteria=max_criteria)
             if max_tokens < need:
@@ -89,7 +92,7 @@ class Scorer:
         self.params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, min_p=min_p,
             grammar=protocol.output_grammar(analysis_chars=analysis_chars, max_criteria=max_criteria)
-            if constrained else None)
+            if constrained else None, digit_probs=self.expected_scores)
         self._lock = threading.Lock()
         self._personas: dict[str, str] = {}
 
@@ -275,10 +278,14 @@ class Scorer:
         for idxs, comps in zip(by_tokens.values(), completions):
             for i, comp in zip(idxs, comps):
                 try:
-                    outputs[i] = (protocol.parse_chain(comp.text), None, comp.n_tokens)
+                    chain = protocol.parse_chain(comp.text)
                 except ChainParseError as exc:
                     reason = str(exc) if comp.finish_reason == "stop" else f"{exc} (hit max_tokens)"
-                    outputs[i] = (None, reason, comp.n_tokens)
+                    outputs[i] = (None, reason, comp.n_tokens, None)
+                    continue
+                expected = (protocol.expected_final_scores(comp.text, comp.digit_probs)
+                            if self.expected_scores else None)
+                outputs[i] = (chain, None, comp.n_tokens, expected)
         return outputs, stats
 
     def _prepare(self, owner: UserProfile, prompt: str, first: str, second: str, seed: int) -> _Prepared:
@@ -351,10 +358,17 @@ class Scorer:
         samples, chains = [], []
         self_scores, nb_scores = [], []
         nb_by_user: dict[str, list] = {}
-        for job, (chain, error, n_tokens) in items:
-            ab = protocol.scores_for_candidates(chain, job.swapped) if chain is not None else None
+        n_sampled_fallback = 0
+        for job, (chain, error, n_tokens, expected) in items:
+            ab, readout = None, "sampled"
+            if chain is not None:
+                if expected is not None:
+                    ab, readout = ((expected[1], expected[0]) if job.swapped else expected), "expected"
+                else:
+                    n_sampled_fallback += self.expected_scores
+                    ab = protocol.scores_for_candidates(chain, job.swapped)
             samples.append(Sample(kind=job.kind, user_id=job.owner.user_id, seed=job.seed, swapped=job.swapped,
-                                  n_tokens=n_tokens, chain=chain, error=error,
+                                  n_tokens=n_tokens, chain=chain, error=error, readout=readout,
                                   score_a=ab[0] if ab else None, score_b=ab[1] if ab else None))
             if chain is not None:
                 chains.append(chain)
@@ -374,11 +388,15 @@ class Scorer:
         for key, prep in prepared.items():
             if key[0] != "\0self" and key[1] == pair:
                 policy.extend(prep.policy)
+        if n_sampled_fallback:
+            notes = list(notes) + [f"{n_sampled_fallback} parsed chain(s) had no digit distributions for their "
+                                   "final scores (not in the grammar's form); their sampled scores were used"]
         n_parsed = sum(1 for s in samples if s.chain is not None)
         return CompareResult(
             preferred=scaling.decide(score_a, score_b), score_a=score_a, score_b=score_b, chains=chains,
             samples=samples, n_parsed=n_parsed, n_failed=len(samples) - n_parsed, seed=seed,
             n_samples=self.n_samples, n_neighbors=self.n_neighbors, c_self=self.c_self, c_nb=self.c_nb,
+            expected_scores=self.expected_scores,
             neighbors=nb_records, history_shown=self_prep.history_shown if self_prep else 0,
             context_policy=policy, notes=list(notes) + (stats.notes if stats else []),
             timing=Timing(prompt_s=stats.prompt_s, decode_s=stats.decode_s, total_s=total,
@@ -401,7 +419,7 @@ def _add_stats(a, b):
 
 
 _TUNABLE = ("max_tokens", "temperature", "top_p", "min_p", "history_pairs", "c_self", "c_nb",
-            "analysis_chars", "max_criteria")
+            "analysis_chars", "max_criteria", "expected_scores")
 _INT_OPTIONS = ("max_tokens", "history_pairs", "max_criteria")
 
 
@@ -417,7 +435,9 @@ def _known_defaults(defaults: dict) -> dict:
 
     out = {k: v for k, v in defaults.items() if k in _TUNABLE}
     for k, v in out.items():
-        if k == "analysis_chars":
+        if k == "expected_scores":
+            ok = isinstance(v, bool)
+        elif k == "analysis_chars":
             ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(is_int(x) for x in v)
         elif k in _INT_OPTIONS:
             ok = is_int(v)

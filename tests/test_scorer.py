@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
 import threading
 
 import pytest
 
 from pgenrm_lite import (CompareResult, ConfigError, ContextOverflowError, Preference, Scorer, UserProfile)
 from pgenrm_lite.datasets import load_hh, rows_of_split, users_from_rows
+from pgenrm_lite.engine import Request
 
 USER = UserProfile(user_id="alice", history=[
     Preference(prompt="How do I sort a list in Python?", chosen="Use sorted(items).",
@@ -195,3 +197,36 @@ def test_every_constrained_smollm2_sample_parses_on_20_real_pairs(smollm2_gguf, 
         assert chain.criteria, "the grammar asks for at least one criterion"
         assert all(1 <= s <= 10 for c in chain.criteria for s in c.scores)
         assert 0 <= r.score_a <= 10 and 0 <= r.score_b <= 10
+
+
+def test_expected_read_out_on_smollm2_keeps_the_chains_and_reads_digit_expectations(smollm2_gguf, hh_pairs):
+    users, pairs = hh_pairs
+    row = pairs[0]
+    opts = dict(n_samples=4, max_tokens=448, analysis_chars=(20, 240), max_criteria=3, n_threads=2)
+    with Scorer.from_gguf(smollm2_gguf, **opts) as sampled_scorer:
+        sampled = sampled_scorer.compare(users[row.user_id], row.prompt, row.chosen, row.rejected, seed=3)
+    with Scorer.from_gguf(smollm2_gguf, expected_scores=True, **opts) as scorer:
+        expected = scorer.compare(users[row.user_id], row.prompt, row.chosen, row.rejected, seed=3)
+        again = scorer.compare(users[row.user_id], row.prompt, row.chosen, row.rejected, seed=3)
+        # The digit distributions themselves, from the engine: grammar-masked and normalised.
+        prepared = scorer._prepare(users[row.user_id], row.prompt, row.chosen, row.rejected, 3)
+        ((comp,),), _ = scorer.engine.generate([Request(prepared.tokens[False], (11,))], scorer.params)
+    assert expected.expected_scores and not sampled.expected_scores
+    assert again.model_dump() == expected.model_dump() | {"timing": again.timing.model_dump()}
+    # Recording distributions draws no random numbers: the chains are the same either way.
+    assert [s.chain.raw for s in expected.samples] == [s.chain.raw for s in sampled.samples]
+    assert expected.n_parsed == 4
+    for s, ref in zip(expected.samples, sampled.samples):
+        assert s.readout == "expected" and ref.readout == "sampled"
+        assert 0 <= s.score_a <= 10 and 0 <= s.score_b <= 10
+    assert expected.score_a == pytest.approx(sum(s.score_a for s in expected.samples) / 4)
+    assert any(s.score_a != ref.score_a for s, ref in zip(expected.samples, sampled.samples))
+    assert comp.digit_probs, "a chain has digits (weights and scores)"
+    for offset, probs in comp.digit_probs.items():
+        assert comp.text[offset].isdigit()
+        assert sum(probs) == pytest.approx(1.0)
+        assert probs[int(comp.text[offset])] > 0  # the sampled digit was possible
+    # The grammar allows no leading 0 in a weight: its first digit never has P(0) > 0.
+    base = comp.text.rindex("<JSON_START>")
+    firsts = [base + m.start(1) for m in re.finditer(r'"weight": (\d)', comp.text[base:])]
+    assert firsts and all(comp.digit_probs[i][0] == 0.0 for i in firsts)
