@@ -46,6 +46,8 @@ class Completion:
     # With SamplingParams.digit_probs: for each generated digit, its character offset in
     # `text` and the sampling distribution over "0".."9" at that step (grammar applied).
     digit_probs: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    # At the first digit of a number, where "1" could open "10": P(the next token is "0" | "1").
+    ten_probs: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -72,7 +74,7 @@ class _Sample:
     """Decoding state of one sequence."""
 
     __slots__ = ("seq", "seed", "chain", "grammar", "pos", "tokens", "pieces", "done", "finish", "next_token",
-                 "digits")
+                 "digits", "tens")
 
     def __init__(self, seq: int, seed: int, chain, grammar, pos: int):
         self.seq = seq
@@ -86,6 +88,7 @@ class _Sample:
         self.finish = "length"
         self.next_token = -1
         self.digits: dict[int, tuple[float, ...]] = {}  # token index -> digit distribution
+        self.tens: dict[int, float] = {}  # token index -> P("0" after a "1" here)
 
 
 class Engine:
@@ -153,6 +156,7 @@ class Engine:
         self._want_digits = False
         self._digit_ids: np.ndarray | None = None
         self._digit_of: dict[int, int] = {}
+        self._probes: list = []
         self.chat_template = self._meta("tokenizer.chat_template")
         self.architecture = self._meta("general.architecture") or "unknown"
         bos = llama_cpp.llama_vocab_bos(self._vocab)
@@ -262,7 +266,7 @@ class Engine:
         self._prepare_digits(params)
         stats = GenerationStats()
         results: list[list[Completion | None]] = [[None] * len(r.seeds) for r in requests]
-        for group in self._plan_groups(requests, params.max_tokens):
+        for group in self._plan_groups(requests, params.max_tokens, reserve=int(params.digit_probs)):
             stats.n_groups += 1
             self._run_group(requests, group, params, results, stats)
         if stats.n_groups > 1:
@@ -270,8 +274,12 @@ class Engine:
                                f"n_ctx={self.n_ctx} / n_seq_max={self.n_seq_max} together")
         return [[c for c in row if c is not None] for row in results], stats  # type: ignore[misc]
 
-    def _plan_groups(self, requests: Sequence[Request], max_tokens: int) -> list[list[tuple[int, int]]]:
-        """Split (request, sample) pairs into groups that fit the KV cache and the sequence limit."""
+    def _plan_groups(self, requests: Sequence[Request], max_tokens: int,
+                     reserve: int = 0) -> list[list[tuple[int, int]]]:
+        """Split (request, sample) pairs into groups that fit the KV cache and the sequence limit.
+
+        `reserve` sequences (and cells) are kept free for the digit read-out's probes.
+        """
         groups: list[list[tuple[int, int]]] = []
         current: list[tuple[int, int]] = []
         current_reqs: dict[int, Request] = {}
@@ -279,8 +287,8 @@ class Engine:
             for si in range(len(req.seeds)):
                 trial = dict(current_reqs)
                 trial[ri] = req
-                cells = _prompt_cells(list(trial.values())) + (len(current) + 1) * max_tokens
-                if current and (cells > self.n_ctx or len(current) + 1 > self.n_seq_max):
+                cells = _prompt_cells(list(trial.values())) + (len(current) + 1) * max_tokens + reserve
+                if current and (cells > self.n_ctx or len(current) + 1 > self.n_seq_max - reserve):
                     groups.append(current)
                     current, current_reqs = [], {}
                 current.append((ri, si))
@@ -316,11 +324,16 @@ class Engine:
                     s = _Sample(seq, seed, self._make_chain(seed, params), self._make_grammar(params), len(tokens))
                     samples[(ri, si)] = s
                     self._accept(s, self._sample(s, last_row), params)
+                self._run_probes()  # before the next prompt's batch overwrites these logits
             t1 = time.perf_counter()
             stats.prompt_s += t1 - t0
             self._decode_loop(list(samples.values()), params)
             stats.decode_s += time.perf_counter() - t1
         finally:
+            for _, _, grammar in self._probes:
+                if grammar is not None:
+                    llama_cpp.llama_sampler_free(grammar)
+            self._probes.clear()
             for s in samples.values():
                 llama_cpp.llama_sampler_free(s.chain)
                 if s.grammar:
@@ -328,9 +341,9 @@ class Engine:
             llama_cpp.llama_memory_clear(self._mem, True)
         for (ri, si), s in samples.items():
             stats.n_generated_tokens += len(s.tokens)
-            text, digit_probs = _decode_pieces(s.pieces, s.digits)
+            text, digit_probs, ten_probs = _decode_pieces(s.pieces, s.digits, s.tens)
             results[ri][si] = Completion(text=text, n_tokens=len(s.tokens), finish_reason=s.finish, seed=s.seed,
-                                         digit_probs=digit_probs)
+                                         digit_probs=digit_probs, ten_probs=ten_probs)
 
     def _prefill(self, seq: int, tokens: tuple[int, ...], evaluated) -> int:
         """Put `tokens` into sequence `seq`, copying the longest prefix already cached. Returns tokens evaluated."""
@@ -359,6 +372,7 @@ class Engine:
             for row, s in enumerate(active):
                 s.pos += 1
                 self._accept(s, self._sample(s, row), params)
+            self._run_probes()
             active = [s for s in active if not s.done]
 
     def _accept(self, s: _Sample, token: int, params: SamplingParams) -> None:
@@ -393,10 +407,63 @@ class Engine:
         """Draw one token for `s` from batch row `row` and advance its grammar."""
         token = self._draw(s, row)
         if self._want_digits and token in self._digit_of:
-            s.digits[len(s.tokens)] = self._digit_distribution(s, row)
+            probs = self._digit_distribution(s, row)
+            s.digits[len(s.tokens)] = probs
+            if probs[1] > 0 and not (s.pieces and s.pieces[-1][-1:].isdigit()):
+                self._queue_ten_probe(s)
         if s.grammar is not None:
             llama_cpp.llama_sampler_accept(s.grammar, token)
         return token
+
+    def _queue_ten_probe(self, s: _Sample) -> None:
+        """At a number's first digit: if "1" may be followed by "0" here, ask P("0" | "1") after this step."""
+        grammar = llama_cpp.llama_sampler_clone(s.grammar) if s.grammar is not None else None
+        if grammar is not None:
+            llama_cpp.llama_sampler_accept(grammar, self._digit_token[1])
+            if not self._allows(grammar, self._digit_token[0]):
+                llama_cpp.llama_sampler_free(grammar)
+                return
+        self._probes.append((s, len(s.tokens), grammar))
+
+    def _allows(self, grammar, token: int) -> bool:
+        one = self._one
+        one.data[0].id, one.data[0].logit, one.data[0].p = token, 0.0, 0.0
+        one.arr.size, one.arr.selected, one.arr.sorted = 1, -1, False
+        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(one.arr))
+        return bool(np.isfinite(one.data[0].logit))
+
+    def _run_probes(self) -> None:
+        """Evaluate "1" in a scratch copy of each queued sequence; record P("0") next (grammar applied).
+
+        One token per probe, in the sequence reserved for probes (the last id), after the
+        step's sampling so the batch's logits are no longer needed.
+        """
+        probe_seq = self.n_seq_max - 1
+        while self._probes:
+            s, index, grammar = self._probes.pop()
+            try:
+                llama_cpp.llama_memory_seq_rm(self._mem, probe_seq, -1, -1)
+                llama_cpp.llama_memory_seq_cp(self._mem, s.seq, probe_seq, 0, s.pos)
+                self._fill_batch([(self._digit_token[1], s.pos, probe_seq, True)])
+                self._decode()
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, 0), shape=(self.n_vocab,))
+                z = logits.astype(np.float64) / self._digit_temperature
+                if grammar is not None:
+                    full = self._full
+                    full.view["id"] = np.arange(self.n_vocab, dtype=np.int32)
+                    full.view["logit"] = 0.0
+                    full.view["p"] = 0.0
+                    full.arr.size, full.arr.selected, full.arr.sorted = self.n_vocab, -1, False
+                    full.arr.data = full.data
+                    llama_cpp.llama_sampler_apply(grammar, ctypes.byref(full.arr))
+                    z = np.where(np.isfinite(full.view["logit"]), z, -np.inf)
+                p = np.exp(z - z.max())
+                zero = self._digit_ids[self._digit_values == 0]
+                s.tens[index] = float(p[zero].sum() / p.sum())
+            finally:
+                if grammar is not None:
+                    llama_cpp.llama_sampler_free(grammar)
+                llama_cpp.llama_memory_seq_rm(self._mem, probe_seq, -1, -1)
 
     def _draw(self, s: _Sample, row: int) -> int:
         """A token from the grammar-masked distribution, without advancing the grammar.
@@ -460,7 +527,11 @@ class Engine:
         self._digit_ids = np.array([t for t, _ in found], dtype=np.int32)
         self._digit_values = np.array([d for _, d in found], dtype=np.int64)
         self._digit_of = {t: d for t, d in found}
+        # The token written for a digit: the first found (byte-level vocabularies have one).
+        self._digit_token = {d: next(t for t, v in found if v == d) for d in range(10)}
         self._digits_arr = _TokenArray(len(found))
+        if self.n_seq_max < 2:
+            raise ConfigError("digit read-outs need n_seq_max >= 2 (one sequence is kept for probes)")
 
     def _make_grammar(self, params: SamplingParams):
         if not params.grammar:
@@ -496,20 +567,24 @@ class _TokenArray:
         self.view = np.frombuffer(self.data, dtype=dtype)
 
 
-def _decode_pieces(pieces: list[bytes], digits: dict[int, tuple[float, ...]]) -> tuple[str, dict]:
-    """The text of the pieces, and each recorded digit's character offset in it."""
+def _decode_pieces(pieces: list[bytes], digits: dict[int, tuple[float, ...]],
+                   tens: dict[int, float]) -> tuple[str, dict, dict]:
+    """The text of the pieces, with the digit records keyed by character offset in it."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     parts: list[str] = []
     n_chars = 0
-    by_offset: dict[int, tuple[float, ...]] = {}
+    digit_at: dict[int, tuple[float, ...]] = {}
+    ten_at: dict[int, float] = {}
     for i, piece in enumerate(pieces):
         part = decoder.decode(piece)
         if i in digits:  # a digit piece is one ASCII byte: the last character decoded
-            by_offset[n_chars + len(part) - 1] = digits[i]
+            digit_at[n_chars + len(part) - 1] = digits[i]
+            if i in tens:
+                ten_at[n_chars + len(part) - 1] = tens[i]
         parts.append(part)
         n_chars += len(part)
     parts.append(decoder.decode(b"", final=True))
-    return "".join(parts), by_offset
+    return "".join(parts), digit_at, ten_at
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

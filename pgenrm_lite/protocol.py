@@ -348,18 +348,20 @@ _FINALS = re.compile(r'"better_response":\s*\{\s*"response_1":\s*(\d+(?:\.\d+)?)
                      r'\s*"response_2":\s*(\d+(?:\.\d+)?)\s*\}')
 
 
-def expected_final_scores(text: str, digit_probs: dict[int, Sequence[float]]) -> tuple[float, float] | None:
-    """The two final scores with every digit replaced by its expected value under the model.
+def expected_final_scores(text: str, digit_probs: dict[int, Sequence[float]],
+                          ten_probs: dict[int, float] | None = None) -> tuple[float, float] | None:
+    """The two final scores with each digit replaced by its expected value under the model.
 
     `digit_probs` maps a character offset of `text` to the distribution over "0".."9" that
-    the digit there was drawn from. A final score's digits are read as d0.d1d2; each is
-    replaced by sum_k k * P(k) at its place value, given the digits sampled before it. This
-    keeps the chain's sampled path and lowers the variance of the number read from it.
-    A score whose integer part has two digits (10, the grammar's maximum) is kept as sampled:
-    its first "1" is a tens digit, and the other choices at that step (units digits) share
-    no place value with it.
+    the digit there was drawn from; `ten_probs` maps the first digit of a number to the
+    model's probability that a "1" there goes on to "10". A final score is read as
+    E[integer part] + E[d1]/10 + E[d2]/100: the integer part's expectation counts "1" as 10
+    with the probability of "10" and as 1 otherwise; the fractional digits are the
+    expectations along the chain's own (sampled) path. The chain itself is unchanged; this
+    only lowers the variance of the number read from it.
     None when the block is not in the grammar's form or a digit has no distribution.
     """
+    ten_probs = ten_probs or {}
     start = text.rfind(JSON_START)
     found = _FINALS.search(text, start if start >= 0 else 0)
     if start < 0 or found is None:
@@ -367,13 +369,16 @@ def expected_final_scores(text: str, digit_probs: dict[int, Sequence[float]]) ->
     values = []
     for group in (1, 2):
         number, at = found.group(group), found.start(group)
-        if len(number.split(".")[0]) > 1:
-            values.append(float(number))
+        whole, _, frac = number.partition(".")
+        if len(whole) > 2 or (len(whole) == 2 and whole != "10"):
+            values.append(float(number))  # not a score the grammar allows: nothing to read out
             continue
-        total, place = 0.0, 1.0
-        for offset, ch in enumerate(number):
-            if ch == ".":
-                continue
+        probs = digit_probs.get(at)
+        if probs is None or len(probs) != 10:
+            return None
+        total = sum(k * p for k, p in enumerate(probs)) + probs[1] * ten_probs.get(at, 0.0) * 9
+        place = 0.1
+        for offset, ch in enumerate(frac, start=len(whole) + 1):
             probs = digit_probs.get(at + offset)
             if probs is None or len(probs) != 10:
                 return None

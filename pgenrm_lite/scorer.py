@@ -283,7 +283,7 @@ class Scorer:
                     reason = str(exc) if comp.finish_reason == "stop" else f"{exc} (hit max_tokens)"
                     outputs[i] = (None, reason, comp.n_tokens, None)
                     continue
-                expected = (protocol.expected_final_scores(comp.text, comp.digit_probs)
+                expected = (protocol.expected_final_scores(comp.text, comp.digit_probs, comp.ten_probs)
                             if self.expected_scores else None)
                 outputs[i] = (chain, None, comp.n_tokens, expected)
         return outputs, stats

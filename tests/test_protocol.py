@@ -146,13 +146,20 @@ def test_expected_read_out_weights_each_digit_by_its_distribution():
     assert e2 == pytest.approx(5.2)
 
 
-def test_expected_read_out_keeps_ten_and_gives_none_without_distributions():
+def test_expected_read_out_splits_a_one_between_1_and_10():
     ten = OFFICIAL.replace('"response_1": 7.6', '"response_1": 10.0')
-    records = _digit_records(ten)
     at_1 = ten.index('"response_1": 10.0') + len('"response_1": ')
-    records[at_1] = tuple(0.1 for _ in range(10))  # ignored: a two-digit integer part stays as sampled
-    assert protocol.expected_final_scores(ten, records) == pytest.approx((10.0, 4.2))
-    del records[ten.index('"response_2": 4.2') + len('"response_2": ')]
+    at_4 = ten.index('"response_2": 4.2') + len('"response_2": ')
+    records = _digit_records(ten)
+    # A sampled 10 whose "1" always continues as "10": exactly 10.
+    assert protocol.expected_final_scores(ten, records, {at_1: 1.0}) == pytest.approx((10.0, 4.2))
+    # Half the mass on "1" (itself 10 with probability 0.8), half on "7": 0.5 * (0.8*10 + 0.2*1) + 0.5 * 7.
+    records[at_1] = tuple(0.5 if k in (1, 7) else 0.0 for k in range(10))
+    assert protocol.expected_final_scores(ten, records, {at_1: 0.8})[0] == pytest.approx(0.5 * 8.2 + 3.5)
+    # Without a probe result a "1" counts as 1 (the grammar allowed no "10" there).
+    records[at_4] = tuple(0.5 if k in (1, 4) else 0.0 for k in range(10))
+    assert protocol.expected_final_scores(ten, records, {at_1: 0.8})[1] == pytest.approx(2.5 + 0.2)
+    del records[at_4]
     assert protocol.expected_final_scores(ten, records) is None
     assert protocol.expected_final_scores("no block", {}) is None
 

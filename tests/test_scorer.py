@@ -226,6 +226,11 @@ def test_expected_read_out_on_smollm2_keeps_the_chains_and_reads_digit_expectati
         assert comp.text[offset].isdigit()
         assert sum(probs) == pytest.approx(1.0)
         assert probs[int(comp.text[offset])] > 0  # the sampled digit was possible
+    # Probes ran at first digits where "10" was possible, and at no other digit.
+    assert comp.ten_probs and set(comp.ten_probs) <= set(comp.digit_probs)
+    assert all(0.0 <= q <= 1.0 and not comp.text[i - 1].isdigit() for i, q in comp.ten_probs.items())
+    tens = [m.start(1) for m in re.finditer(r'"response_[12]": (10)', comp.text)]
+    assert all(comp.ten_probs[i] > 0 for i in tens), "a written 10 had a positive probability of 10"
     # The grammar allows no leading 0 in a weight: its first digit never has P(0) > 0.
     base = comp.text.rindex("<JSON_START>")
     firsts = [base + m.start(1) for m in re.finditer(r'"weight": (\d)', comp.text[base:])]
