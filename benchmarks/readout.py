@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import (OUT_DIR, add_omp_option, add_scorer_options, apply_omp_policy, fmt, load_line, machine,
-                     resolve_bundle, scorer_options, table, write_json)
+                     new_figure, resolve_bundle, save_figure, scorer_options, table, write_json)
 
 
 def load_pairs(data: Path, limit: int, split_seed: int):
@@ -106,6 +106,18 @@ def analyse(pairs: list[dict], group_sizes: list[int]) -> dict:
             "variance_ratio_expected_over_sampled": (ve / vs) if vs and ve is not None else None}
 
 
+def plot(result: dict, path: Path) -> None:
+    fig, (ax,) = new_figure(1)
+    ns = [r["n_chains"] for r in result["rows"]]
+    for key, label in (("agreement_sampled", "sampled scores"), ("agreement_expected", "expected scores")):
+        ax.plot(ns, [r[key] if r[key] is not None else float("nan") for r in result["rows"]], marker="o", label=label)
+    ax.set_xlabel("chains per verdict")
+    ax.set_ylabel("agreement with the held-out verdict")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", type=Path, help="HH file (hh_two_users_test.jsonl.gz)")
@@ -151,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                      "bundle": str(resolve_bundle(args.bundle)), "data": str(args.data),
                      "scorer_options": scorer_options(args), "omp_wait_policy": omp},
         "machine": machine(), "elapsed_s": elapsed, **result, "pairs": pairs})
+    plot(result, args.out_dir / "readout.png")
     return 0
 
 

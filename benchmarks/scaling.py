@@ -207,6 +207,39 @@ def run_loop(model: str, pairs: list[dict], m: int, n: int, job: dict) -> dict:
     return out
 
 
+def step_anatomy(model: str, prompt: list[int], job: dict, ns: tuple[int, ...] = (1, 8, 16, 24),
+                 steps: int = 24) -> list[dict]:
+    """Milliseconds per decode step with n sequences over the real prompt's KV and over a short one.
+
+    The gap is the cost of attending over the prompt, which each sequence pays on its own:
+    the weights are read once per step for all sequences, the attention is not shared.
+    Uses the engine's internals on purpose: this measures its building blocks, not a call.
+    """
+    import llama_cpp
+    from pgenrm_lite.engine import Engine
+
+    short = prompt[:32]
+    n_ctx = round_up(max(ns) * (len(prompt) + steps + 8))
+    out = []
+    with Engine(model, n_ctx=n_ctx, n_threads=job["threads"], device="cpu", n_seq_max=max(ns)) as engine:
+        for n in ns:
+            row = {"sequences": n}
+            for label, tokens in (("prompt", prompt), ("short", short)):
+                llama_cpp.llama_memory_clear(engine._mem, True)
+                engine._prefill(0, tuple(tokens), [])
+                for seq in range(1, n):
+                    llama_cpp.llama_memory_seq_cp(engine._mem, 0, seq, -1, -1)
+                times = []
+                for k in range(steps):
+                    engine._fill_batch([(tokens[-1], len(tokens) + k, seq, True) for seq in range(n)])
+                    t = time.perf_counter()
+                    engine._decode()
+                    times.append(time.perf_counter() - t)
+                row[f"{label}_ms"] = 1000 * float(sorted(times)[len(times) // 2])
+            out.append(row)
+    return out
+
+
 # -- summary ------------------------------------------------------------------------------------
 
 def summarise(name: str, m: int, n: int, engine: str, runs: list[dict]) -> dict:
@@ -279,6 +312,15 @@ def print_report(rows: list[dict], targets: list[dict], best: dict, settings: di
                   r["n_groups"] if r["n_groups"] is not None else ""] for r in rows]))
     print(f"\ncompute-bound rate for this model here (best aggregate tok/s reached): {best['tok_s']:.1f} tok/s "
           f"({best['tok_s_at']}); best decode-only {best['decode_tok_s']:.1f} tok/s ({best['decode_tok_s_at']})")
+    anatomy = settings.get("step_anatomy")
+    if anatomy:
+        base = anatomy[0]
+        print(f"\ndecode step anatomy (median ms per step; KV holding the {settings['mean_prompt_tokens']:.0f}-token "
+              "prompt vs a 32-token one; the difference is attention over the prompt, paid per sequence)")
+        print(table(["sequences", "ms/step, prompt", "ms/step, short", "attention ms/step", "x 1 sequence"],
+                    [[a["sequences"], fmt(a["prompt_ms"], 1), fmt(a["short_ms"], 1),
+                      fmt(a["prompt_ms"] - a["short_ms"], 1), fmt(a["prompt_ms"] / base["prompt_ms"], 2)]
+                     for a in anatomy]))
     for t in targets:
         state = "n/a (not run)" if t["met"] is None else ("met" if t["met"] else "NOT met")
         extra = "" if t["met"] is None else f" (on the best repeats: {fmt(t['value_min'])}, " \
@@ -385,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{rep + 1}/{args.repeats}] {name:13} {engine:7} {sum(result['per_pair_s']):7.2f} s  "
                       f"{result['tokens']:6d} tokens  load {os.getloadavg()[0]:.2f}",
                       file=sys.stderr, flush=True)
+    anatomy = in_child(step_anatomy, model, list(pairs[0]["self"]), base_job,
+                       (1, 2) if args.quick else (1, 8, 16, 24), 8 if args.quick else 24)
     rows = [summarise(name, m, n, engine, runs[(name, engine)]) for name, m, n in configs for engine in ENGINES]
     add_ratios(rows)
     targets = check_targets(rows)
@@ -401,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                 "mean_prompt_tokens": sum(len(p["self"]) for p in pairs) / len(pairs),
                 "pair_users": [p["user_id"] for p in pairs],
                 "n_ctx_batched": {name: round_up(v) for name, v in needed.items()},
-                "n_ctx_loop": base_job["loop_n_ctx"]}
+                "n_ctx_loop": base_job["loop_n_ctx"], "step_anatomy": anatomy}
     print_report(rows, targets, best, settings)
     write_json(args.out_dir / "scaling.json", {
         "benchmark": "scaling", "machine": {**at_start, "load_average_end": machine()["load_average"]},

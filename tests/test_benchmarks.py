@@ -68,6 +68,19 @@ def test_scaling_runs_both_engines_on_every_quick_configuration(tiny_gguf, hh_fi
     assert data["compute_bound"]["tok_s"] == max(r["tok_s"] for r in rows.values())
     # The targets name Ind-8 and Ind-16/Pro-8, which a quick run does not measure.
     assert [t["met"] for t in data["targets"]] == [None, None, None]
+    anatomy = data["settings"]["step_anatomy"]
+    assert [a["sequences"] for a in anatomy] == [1, 2]
+    assert all(a["prompt_ms"] > 0 and a["short_ms"] > 0 for a in anatomy)
+
+
+def test_readout_compares_both_read_outs_on_the_same_chains(tiny_bundle, hh_file, tmp_path):
+    data = run_script("readout.py", [str(hh_file), "--bundle", str(tiny_bundle), "--quick", *TINY_SCORER], tmp_path)
+    assert data["settings"]["chains"] == 4 and len(data["pairs"]) == 2
+    assert all(len(p["chains"]) == 4 for p in data["pairs"])
+    assert [r["n_chains"] for r in data["rows"]] == [1, 2]
+    for r in data["rows"]:
+        for key in ("agreement_sampled", "agreement_expected", "accuracy_sampled", "accuracy_expected"):
+            assert r[key] is None or 0.0 <= r[key] <= 1.0
 
 
 def test_latency_reports_cold_start_percentiles_and_lookup(tiny_bundle, hh_file, tmp_path):
