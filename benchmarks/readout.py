@@ -14,7 +14,8 @@ agreement with the reference (a tie counts as disagreement), accuracy against th
 label, and the per-chain variance of the score difference under each read-out (their
 ratio is how many sampled chains one expected chain is worth, for the mean).
 
-    python benchmarks/readout.py ../shared/data/hh_two_users_test.jsonl.gz --pairs 10 --chains 24
+    python benchmarks/readout.py ../shared/data/hh_two_users_test.jsonl.gz --pairs 8 --chains 24
+    python benchmarks/readout.py HH_FILE --against "I don't know."   # pairs with a clear better side
     python benchmarks/readout.py HH_FILE --bundle DIR --quick      # seconds, tiny bundle
 
 Writes benchmarks/out/readout.json (or --out-dir).
@@ -51,7 +52,8 @@ def draw(args) -> list[dict]:
                             n_threads=args.threads, expected_scores=True, **scorer_options(args)) as scorer, \
             Progress(len(rows), "pairs", unit="pair") as bar:
         for i, row in enumerate(rows):
-            res = scorer.compare(users[row.user_id], row.prompt, row.chosen, row.rejected, seed=args.seed + i)
+            rejected = row.rejected if args.against is None else args.against
+            res = scorer.compare(users[row.user_id], row.prompt, row.chosen, rejected, seed=args.seed + i)
             chains = []
             for s in res.samples:
                 if s.chain is None or s.readout != "expected":
@@ -127,6 +129,9 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--against", default=None, metavar="TEXT",
+                   help="judge each chosen response against this text instead of the rejected one (a pair "
+                        "set where a weak model has a preference to find)")
     p.add_argument("--quick", action="store_true", help="2 pairs, 4 chains (a smoke run)")
     p.add_argument("--out-dir", type=Path, default=OUT_DIR)
     add_scorer_options(p)
@@ -160,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{fmt(v['expected'], 3)} (ratio {fmt(result['variance_ratio_expected_over_sampled'], 3)})")
     write_json(args.out_dir / "readout.json", {
         "settings": {"pairs": args.pairs, "chains": args.chains, "seed": args.seed, "split_seed": args.split_seed,
+                     "against": args.against,
                      "bundle": str(resolve_bundle(args.bundle)), "data": str(args.data),
                      "scorer_options": scorer_options(args), "omp_wait_policy": omp},
         "machine": machine(), "elapsed_s": elapsed, **result, "pairs": pairs})

@@ -132,8 +132,11 @@ def run_batched(model: str, pairs: list[dict], m: int, n: int, job: dict) -> dic
     from pgenrm_lite.engine import Engine, Request, SamplingParams
 
     t0 = time.perf_counter()
-    engine = Engine(model, n_ctx=job["n_ctx"], n_threads=job["threads"], device="cpu",
-                    n_seq_max=max(1, m + n))
+    split = job.get("kv") == "split"
+    n_seq = max(1, m + n)
+    # Split KV: every sequence gets its own stream holding the longest prompt plus its chain.
+    engine = Engine(model, n_ctx=n_seq * job["loop_n_ctx"] if split else job["n_ctx"], n_threads=job["threads"],
+                    device="cpu", n_seq_max=n_seq, kv_unified=not split)
     load_s = time.perf_counter() - t0
     params = SamplingParams(max_tokens=job["max_tokens"], temperature=1.0, grammar=job["grammar"])
     engine.generate([Request(pairs[0]["self"][:8], (0,))], SamplingParams(max_tokens=1))  # warm-up
@@ -286,6 +289,8 @@ def check_targets(rows: list[dict]) -> list[dict]:
         key = "ratio_to_ind1" if kind == "ratio" else "speedup_vs_loop"
 
         def met(value):
+            if value is None:
+                return None  # e.g. the loop was not run
             return bool(value <= limit if kind == "ratio" else value >= limit)
         out.append({"target": text, "value": row[key], "limit": limit, "met": met(row[key]),
                     "value_min": row[key + "_min"], "met_min": met(row[key + "_min"])})
@@ -316,7 +321,7 @@ def print_report(rows: list[dict], targets: list[dict], best: dict, settings: di
     if anatomy:
         base = anatomy[0]
         print(f"\ndecode step anatomy (median ms per step; KV holding the {settings['mean_prompt_tokens']:.0f}-token "
-              "prompt vs a 32-token one; the difference is attention over the prompt, paid per sequence)")
+              "prompt vs a 32-token one, unified KV; the difference is attention over the prompt, paid per sequence)")
         print(table(["sequences", "ms/step, prompt", "ms/step, short", "attention ms/step", "x 1 sequence"],
                     [[a["sequences"], fmt(a["prompt_ms"], 1), fmt(a["short_ms"], 1),
                       fmt(a["prompt_ms"] - a["short_ms"], 1), fmt(a["prompt_ms"] / base["prompt_ms"], 2)]
@@ -333,7 +338,7 @@ def plot(rows: list[dict], best: dict, path: Path) -> None:
     by = {(r["config"], r["engine"]): r for r in rows}
     fig, (ax_wall, ax_rate) = new_figure(2)
     x = range(len(configs))
-    for k, engine in enumerate(ENGINES):
+    for k, engine in enumerate(e for e in ENGINES if (configs[0], e) in by):
         xs = [i + (k - 0.5) * 0.38 for i in x]
         walls = [by[(c, engine)]["wall_s"] for c in configs]
         rates = [by[(c, engine)]["tok_s"] for c in configs]
@@ -371,6 +376,9 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--configs", default=None, help="comma-separated subset, e.g. Ind-1,Ind-8 (default: all)")
     p.add_argument("--quick", action="store_true", help="Ind-1, Ind-2, Ind-2/Pro-1 on 1 pair, 1 repeat")
+    p.add_argument("--kv", choices=("unified", "split"), default="unified",
+                   help="batched engine's KV layout: one shared pool (default) or a stream per sequence")
+    p.add_argument("--engines", default="batched,loop", help="which to run: batched, loop or both (default)")
     p.add_argument("--out-dir", type=Path, default=OUT_DIR)
     add_omp_option(p)
     args = p.parse_args(argv)
@@ -409,14 +417,15 @@ def main(argv: list[str] | None = None) -> int:
                                                     args.max_tokens) for p in pairs)
                   for name, m, n in configs}
     longest = max(len(t) for p in pairs for t in [p["self"], *p["neighbors"]])
-    base_job = {"threads": args.threads, "max_tokens": args.max_tokens, "grammar": grammar,
+    engines = [e for e in ENGINES if e in args.engines.split(",")]
+    base_job = {"threads": args.threads, "max_tokens": args.max_tokens, "grammar": grammar, "kv": args.kv,
                 "loop_n_ctx": round_up(longest + args.max_tokens)}
     runs: dict[tuple[str, str], list[dict]] = {}
     # Repeats outermost, so drifting load on a shared machine spreads over every configuration.
     for rep in range(args.repeats):
         for name, m, n in configs:
             job = {**base_job, "n_ctx": round_up(needed[name])}
-            for engine in ENGINES:
+            for engine in engines:
                 fn = run_batched if engine == "batched" else run_loop
                 result = in_child(fn, model, pairs, m, n, job)
                 result["load_1m"] = os.getloadavg()[0]
@@ -429,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
     anatomy = in_child(step_anatomy, model, list(pairs[0]["self"]), base_job,
                        (1, 2) if args.quick else (1, 8, 16, 24), 8 if args.quick else 24)
-    rows = [summarise(name, m, n, engine, runs[(name, engine)]) for name, m, n in configs for engine in ENGINES]
+    rows = [summarise(name, m, n, engine, runs[(name, engine)]) for name, m, n in configs for engine in engines]
     add_ratios(rows)
     targets = check_targets(rows)
     top = max(rows, key=lambda r: r["tok_s"] or 0)
@@ -441,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_criteria": args.max_criteria, "history_pairs": args.history_pairs,
                 "max_field_chars": args.max_field_chars, "pseudo_users_per_objective": args.pseudo_users,
                 "threads": args.threads, "omp_wait_policy": omp_policy, "temperature": 1.0, "seed": args.seed,
+                "kv": args.kv, "engines": engines,
                 "quick": args.quick,
                 "mean_prompt_tokens": sum(len(p["self"]) for p in pairs) / len(pairs),
                 "pair_users": [p["user_id"] for p in pairs],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -300,6 +301,7 @@ def cmd_doctor(args) -> int:
         "default_bundle": str(default_bundle_dir()),
         "default_bundle_present": (default_bundle_dir() / "manifest.json").is_file(),
     }
+    info["hints"] = _hints(info["llama_cpp_system_info"])
     if args.json:
         _emit_json(info)
         return 0
@@ -308,9 +310,24 @@ def cmd_doctor(args) -> int:
             print(f"{key}:")
             for k, v in value.items():
                 print(f"  {k}: {v or 'not installed'}")
+        elif isinstance(value, list):
+            print(f"{key}:" + ("" if value else " none"))
+            for line in value:
+                print(f"  - {line}")
         else:
             print(f"{key}: {value}")
     return 0
+
+
+def _hints(system_info: str) -> list[str]:
+    """Advice on this machine's set-up that changes speed by large factors."""
+    hints = []
+    if "OPENMP = 1" in system_info and not os.environ.get("OMP_WAIT_POLICY"):
+        load = os.getloadavg()[0]
+        hints.append(f"llama.cpp is built with OpenMP and OMP_WAIT_POLICY is unset: its idle threads spin, and "
+                     f"on cores shared with other work decoding slows by 5x or more (measured); set "
+                     f"OMP_WAIT_POLICY=PASSIVE there (load average now {load:.2f} on {os.cpu_count()} CPU(s))")
+    return hints
 
 
 # -- parser ---------------------------------------------------------------------------------

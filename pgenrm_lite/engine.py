@@ -96,7 +96,7 @@ class Engine:
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 8192, n_threads: int | None = None,
                  device: str = "auto", n_batch: int = 512, n_seq_max: int = 64,
-                 flash_attn: bool = True, verbose: bool = False):
+                 flash_attn: bool = True, kv_unified: bool = True, verbose: bool = False):
         if device not in DEVICES:
             raise ConfigError(f"device must be one of {DEVICES}, got {device!r}")
         if n_ctx < 64:
@@ -134,8 +134,11 @@ class Engine:
         cparams.n_seq_max = n_seq_max
         cparams.n_threads = self.n_threads
         cparams.n_threads_batch = self.n_threads
-        # One KV pool shared by all sequences, so copied prompt cells are stored once.
-        cparams.kv_unified = True
+        # Unified: one KV pool shared by all sequences, so copied prompt cells are stored once,
+        # but every sequence's attention steps over every cell in use (other sequences' cells
+        # are masked, not skipped for free). Split: each sequence owns n_ctx / n_seq_max cells
+        # and attends over its own only; prompts are copied per sequence (more memory).
+        cparams.kv_unified = kv_unified
         cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn
                                    else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         cparams.no_perf = True
@@ -149,6 +152,9 @@ class Engine:
         self.n_ctx = llama_cpp.llama_n_ctx(ctx)
         self.n_batch = n_batch
         self.n_seq_max = n_seq_max
+        self.kv_unified = kv_unified
+        # Cells one sequence can hold: the whole context, or its own stream.
+        self.n_ctx_seq = self.n_ctx if kv_unified else self.n_ctx // n_seq_max
         self._batch = llama_cpp.llama_batch_init(max(n_batch, n_seq_max), 0, n_seq_max)
         self._piece_buf = ctypes.create_string_buffer(256)
         self._one = _TokenArray(1)
@@ -257,12 +263,12 @@ class Engine:
             if not r.tokens:
                 raise ConfigError("a request has an empty prompt")
             need = len(r.tokens) + params.max_tokens
-            if need > self.n_ctx:
+            if need > self.n_ctx_seq:
                 raise ContextOverflowError(
                     f"a prompt of {len(r.tokens)} tokens plus max_tokens={params.max_tokens} needs "
-                    f"{need} tokens but the context holds {self.n_ctx}; shorten the input, lower "
+                    f"{need} tokens but a sequence can hold {self.n_ctx_seq}; shorten the input, lower "
                     "max_tokens or load with a larger n_ctx",
-                    n_prompt_tokens=len(r.tokens), max_tokens=params.max_tokens, n_ctx=self.n_ctx)
+                    n_prompt_tokens=len(r.tokens), max_tokens=params.max_tokens, n_ctx=self.n_ctx_seq)
         self._prepare_digits(params)
         stats = GenerationStats()
         results: list[list[Completion | None]] = [[None] * len(r.seeds) for r in requests]
@@ -287,7 +293,9 @@ class Engine:
             for si in range(len(req.seeds)):
                 trial = dict(current_reqs)
                 trial[ri] = req
-                cells = _prompt_cells(list(trial.values())) + (len(current) + 1) * max_tokens + reserve
+                # Split KV: each sample has its own stream, already checked to fit; only the count limits.
+                cells = (_prompt_cells(list(trial.values())) + (len(current) + 1) * max_tokens + reserve
+                         if self.kv_unified else 0)
                 if current and (cells > self.n_ctx or len(current) + 1 > self.n_seq_max - reserve):
                     groups.append(current)
                     current, current_reqs = [], {}
@@ -355,7 +363,7 @@ class Engine:
         # Keep at least the last token to evaluate, so its logits exist.
         best_len = min(best_len, len(tokens) - 1)
         if best_len > 0:
-            llama_cpp.llama_memory_seq_cp(self._mem, best_seq, seq, 0, best_len)
+            self._copy_prefix(best_seq, seq, best_len)
         start = best_len
         while start < len(tokens):
             chunk = tokens[start:start + self.n_batch]
@@ -363,6 +371,17 @@ class Engine:
             self._decode()
             start += len(chunk)
         return len(tokens) - best_len
+
+    def _copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Give `dst` the cells of `src` at positions [0, n).
+
+        Across split streams llama.cpp copies whole streams only, so copy all, then drop the tail.
+        """
+        if self.kv_unified:
+            llama_cpp.llama_memory_seq_cp(self._mem, src, dst, 0, n)
+        else:
+            llama_cpp.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+            llama_cpp.llama_memory_seq_rm(self._mem, dst, n, -1)
 
     def _decode_loop(self, samples: list[_Sample], params: SamplingParams) -> None:
         active = [s for s in samples if not s.done]
@@ -443,7 +462,7 @@ class Engine:
             s, index, grammar = self._probes.pop()
             try:
                 llama_cpp.llama_memory_seq_rm(self._mem, probe_seq, -1, -1)
-                llama_cpp.llama_memory_seq_cp(self._mem, s.seq, probe_seq, 0, s.pos)
+                self._copy_prefix(s.seq, probe_seq, s.pos)
                 self._fill_batch([(self._digit_token[1], s.pos, probe_seq, True)])
                 self._decode()
                 logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, 0), shape=(self.n_vocab,))

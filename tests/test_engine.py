@@ -83,6 +83,28 @@ def test_too_many_samples_run_in_groups(tiny_gguf):
     assert outs[0][0].text == single[0][0].text  # a group is seeded per sample, not per group
 
 
+def test_split_kv_streams_give_the_unified_results(engine, tiny_gguf):
+    """Per-sequence KV streams (prefixes copied whole, then trimmed) draw the same chains."""
+    t1 = engine.chat_tokens(MSGS)
+    t2 = engine.chat_tokens([MSGS[0], {"role": "user", "content": "Which one is worse, and why?"}])
+    g = protocol.output_grammar(analysis_chars=(5, 60), max_criteria=2)
+    params = SamplingParams(max_tokens=400, grammar=g, digit_probs=True)
+    requests = [Request(t1, (0, 1, 2)), Request(t2, (3,))]
+    unified, _ = engine.generate(requests, params)
+    with Engine(tiny_gguf, n_ctx=8 * 1024, n_threads=1, n_seq_max=8, kv_unified=False) as split_engine:
+        assert split_engine.n_ctx_seq == 1024
+        split, stats = split_engine.generate(requests, params)
+        with pytest.raises(ContextOverflowError, match="a sequence can hold 1024"):
+            split_engine.generate([Request(t1 * 40, (0,))], SamplingParams(max_tokens=4))
+    assert stats.n_groups == 1
+    assert [[c.text for c in row] for row in split] == [[c.text for c in row] for row in unified]
+    for row_s, row_u in zip(split, unified):
+        for cs, cu in zip(row_s, row_u):
+            protocol.parse_chain(cs.text)
+            assert cs.ten_probs.keys() == cu.ten_probs.keys()
+            assert all(cs.ten_probs[k] == pytest.approx(cu.ten_probs[k], abs=1e-4) for k in cs.ten_probs)
+
+
 def test_bad_inputs(engine, tiny_gguf, tmp_path):
     toks = engine.chat_tokens(MSGS)
     with pytest.raises(ConfigError, match="grammar"):
