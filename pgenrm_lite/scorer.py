@@ -290,7 +290,7 @@ class Scorer:
 
     def _prepare(self, owner: UserProfile, prompt: str, first: str, second: str, seed: int) -> _Prepared:
         """Render both candidate orders for one history owner, fitting the context window."""
-        budget = self.engine.n_ctx - self.params.max_tokens
+        budget = self.engine.n_ctx_seq - self.params.max_tokens
         chosen = protocol.select_history(owner.history, self.history_pairs,
                                          protocol.derive_seed(seed, "history", owner.user_id))
         min_pairs = min(1, len(chosen))
