@@ -118,3 +118,19 @@ def test_accuracy_compares_the_judges_per_user_with_intervals(tiny_bundle, hh_fi
             lo, hi = summary["accuracy_rewardbench_ci95"]
             assert 0 <= lo <= summary["accuracy_rewardbench"] <= hi <= 1
         assert j["overall"]["samples_total"] == 2 * (j["n_samples"] + j["n_neighbors"])
+
+
+def test_quant_types_requantises_and_compares_on_the_tiny_model(tiny_gguf, hh_file, tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "quant_types.py"), "--gguf", str(tiny_gguf), "--data",
+                           str(hh_file), "--types", "q8_0,q4_0", "--prompts", "1", "--prompt-tokens", "64",
+                           "--steps", "4", "--threads", "1", "--out-dir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads((tmp_path / "quant_types.json").read_text())
+    rows = {r["type"]: r for r in data["results"]}
+    assert set(rows) == {"q8_0", "q4_0"}
+    for r in rows.values():
+        assert r["prompt_tok_s"] > 0 and all(ms > 0 for ms in r["step_ms"].values())
+        assert 0 <= r["mean_kl"] and 0 <= r["top1_agreement"] <= 1
+    # An f32 model loses less to 8 bits than to 4.
+    assert rows["q8_0"]["mean_kl"] < rows["q4_0"]["mean_kl"]
