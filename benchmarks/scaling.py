@@ -37,7 +37,8 @@ from _common import (CONFIGS, DEFAULT_DATA, OUT_DIR, QUICK_CONFIGS, add_omp_opti
                      int_pair, load_line, machine, median, new_figure, peak_rss_mb, resolve_bundle, save_figure, table,
                      write_json)
 
-ENGINES = ("batched", "loop")
+# "split": the batched engine with a KV stream per sequence instead of one shared pool
+ENGINES = ("batched", "split", "loop")
 # (target, configuration, "ratio" to batched Ind-1 or "speedup" over the loop, limit)
 TARGETS = [("batched Ind-8 <= 3.0x batched Ind-1", "Ind-8", "ratio", 3.0),
            ("batched Ind-16/Pro-8 <= 7x batched Ind-1", "Ind-16/Pro-8", "ratio", 7.0),
@@ -272,7 +273,7 @@ def add_ratios(rows: list[dict]) -> None:
         r["ratio_to_ind1_min"] = r["wall_s_min"] / base["wall_s_min"] if base else None
         r["tokens_ratio_to_ind1"] = r["tokens"] / base["tokens"] if base and base["tokens"] else None
         loop = by.get((r["config"], "loop"))
-        batched = r["engine"] == "batched" and loop
+        batched = r["engine"] != "loop" and loop
         r["speedup_vs_loop"] = loop["wall_s"] / r["wall_s"] if batched else None
         r["speedup_vs_loop_min"] = loop["wall_s_min"] / r["wall_s_min"] if batched else None
 
@@ -311,7 +312,7 @@ def print_report(rows: list[dict], targets: list[dict], best: dict, settings: di
          for r in rows]))
     print("wall s: median of the repeats; min s: the best repeat (least disturbed by other load); x Ind-1 and "
           "vs loop use the medians; tokens x: generated tokens relative to Ind-1 (chains end on their own)")
-    print("\ndecode-only split (prompt includes the first sampled token; loop: time to first token)")
+    print("\nprompt and decode time (prompt includes the first sampled token; loop: time to first token)")
     print(table(["config", "engine", "prompt s", "decode s", "decode tok/s", "groups"],
                 [[r["config"], r["engine"], fmt(r["prompt_s"]), fmt(r["decode_s"]), fmt(r["decode_tok_s"], 1),
                   r["n_groups"] if r["n_groups"] is not None else ""] for r in rows]))
@@ -338,15 +339,17 @@ def plot(rows: list[dict], best: dict, path: Path) -> None:
     by = {(r["config"], r["engine"]): r for r in rows}
     fig, (ax_wall, ax_rate) = new_figure(2)
     x = range(len(configs))
-    for k, engine in enumerate(e for e in ENGINES if (configs[0], e) in by):
-        xs = [i + (k - 0.5) * 0.38 for i in x]
+    present = [e for e in ENGINES if (configs[0], e) in by]
+    width = 0.8 / len(present)
+    for k, engine in enumerate(present):
+        xs = [i + (k - (len(present) - 1) / 2) * width for i in x]
         walls = [by[(c, engine)]["wall_s"] for c in configs]
         rates = [by[(c, engine)]["tok_s"] for c in configs]
-        bars = ax_wall.bar(xs, walls, width=0.38, label=engine)
+        bars = ax_wall.bar(xs, walls, width=width, label=engine)
         for bar, c in zip(bars, configs):
             ax_wall.annotate(f"{by[(c, engine)]['ratio_to_ind1']:.1f}x", (bar.get_x() + bar.get_width() / 2,
                              bar.get_height()), ha="center", va="bottom", fontsize=7)
-        ax_rate.bar(xs, rates, width=0.38, label=engine)
+        ax_rate.bar(xs, rates, width=width, label=engine)
     ax_rate.axhline(best["tok_s"], color="grey", linestyle="--", linewidth=1, label="best reached")
     for ax, title in ((ax_wall, "wall time (s), label: ratio to Ind-1"), (ax_rate, "aggregate tok/s")):
         ax.set_xticks(list(x), configs, rotation=20, fontsize=8)
@@ -376,9 +379,9 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--configs", default=None, help="comma-separated subset, e.g. Ind-1,Ind-8 (default: all)")
     p.add_argument("--quick", action="store_true", help="Ind-1, Ind-2, Ind-2/Pro-1 on 1 pair, 1 repeat")
-    p.add_argument("--kv", choices=("unified", "split"), default="unified",
-                   help="batched engine's KV layout: one shared pool (default) or a stream per sequence")
-    p.add_argument("--engines", default="batched,loop", help="which to run: batched, loop or both (default)")
+    p.add_argument("--engines", default="batched,loop",
+                   help="comma-separated: batched (one shared KV pool), split (the batched engine with a KV "
+                        "stream per sequence), loop (llama-cpp-python calls); default batched,loop")
     p.add_argument("--out-dir", type=Path, default=OUT_DIR)
     add_omp_option(p)
     args = p.parse_args(argv)
@@ -417,8 +420,11 @@ def main(argv: list[str] | None = None) -> int:
                                                     args.max_tokens) for p in pairs)
                   for name, m, n in configs}
     longest = max(len(t) for p in pairs for t in [p["self"], *p["neighbors"]])
+    unknown = set(args.engines.split(",")) - set(ENGINES)
+    if unknown:
+        raise SystemExit(f"unknown engine(s) {sorted(unknown)}; known: {list(ENGINES)}")
     engines = [e for e in ENGINES if e in args.engines.split(",")]
-    base_job = {"threads": args.threads, "max_tokens": args.max_tokens, "grammar": grammar, "kv": args.kv,
+    base_job = {"threads": args.threads, "max_tokens": args.max_tokens, "grammar": grammar,
                 "loop_n_ctx": round_up(longest + args.max_tokens)}
     runs: dict[tuple[str, str], list[dict]] = {}
     # Repeats outermost, so drifting load on a shared machine spreads over every configuration.
@@ -426,8 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, m, n in configs:
             job = {**base_job, "n_ctx": round_up(needed[name])}
             for engine in engines:
-                fn = run_batched if engine == "batched" else run_loop
-                result = in_child(fn, model, pairs, m, n, job)
+                fn = run_loop if engine == "loop" else run_batched
+                result = in_child(fn, model, pairs, m, n, {**job, "kv": "split" if engine == "split" else "unified"})
                 result["load_1m"] = os.getloadavg()[0]
                 runs.setdefault((name, engine), []).append(result)
                 # Raw results so far, so an interrupted run on a shared machine still leaves its data.
@@ -450,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_criteria": args.max_criteria, "history_pairs": args.history_pairs,
                 "max_field_chars": args.max_field_chars, "pseudo_users_per_objective": args.pseudo_users,
                 "threads": args.threads, "omp_wait_policy": omp_policy, "temperature": 1.0, "seed": args.seed,
-                "kv": args.kv, "engines": engines,
+                "engines": engines,
                 "quick": args.quick,
                 "mean_prompt_tokens": sum(len(p["self"]) for p in pairs) / len(pairs),
                 "pair_users": [p["user_id"] for p in pairs],
