@@ -159,6 +159,7 @@ class Engine:
         self._piece_buf = ctypes.create_string_buffer(256)
         self._one = _TokenArray(1)
         self._full = _TokenArray(self.n_vocab)
+        self._all_ids = np.arange(self.n_vocab, dtype=np.int32)
         self._want_digits = False
         self._digit_ids: np.ndarray | None = None
         self._digit_of: dict[int, int] = {}
@@ -446,10 +447,20 @@ class Engine:
 
     def _allows(self, grammar, token: int) -> bool:
         one = self._one
-        one.data[0].id, one.data[0].logit, one.data[0].p = token, 0.0, 0.0
-        one.arr.size, one.arr.selected, one.arr.sorted = 1, -1, False
+        one.load(token)
         llama_cpp.llama_sampler_apply(grammar, ctypes.byref(one.arr))
-        return bool(np.isfinite(one.data[0].logit))
+        return bool(np.isfinite(one.view["logit"][0]))
+
+    def _probs(self, row: int, grammar, arr: "_TokenArray", ids: np.ndarray) -> np.ndarray:
+        """P(token) over `ids` at batch row `row`: temperature applied, grammar-masked, normalised."""
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,))
+        z = logits[ids].astype(np.float64) / self._digit_temperature
+        if grammar is not None:
+            arr.load(ids)
+            llama_cpp.llama_sampler_apply(grammar, ctypes.byref(arr.arr))
+            z = np.where(np.isfinite(arr.view["logit"]), z, -np.inf)
+        p = np.exp(z - z.max())
+        return p / p.sum()
 
     def _run_probes(self) -> None:
         """Evaluate "1" in a scratch copy of each queued sequence; record P("0") next (grammar applied).
@@ -465,20 +476,8 @@ class Engine:
                 self._copy_prefix(s.seq, probe_seq, s.pos)
                 self._fill_batch([(self._digit_token[1], s.pos, probe_seq, True)])
                 self._decode()
-                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, 0), shape=(self.n_vocab,))
-                z = logits.astype(np.float64) / self._digit_temperature
-                if grammar is not None:
-                    full = self._full
-                    full.view["id"] = np.arange(self.n_vocab, dtype=np.int32)
-                    full.view["logit"] = 0.0
-                    full.view["p"] = 0.0
-                    full.arr.size, full.arr.selected, full.arr.sorted = self.n_vocab, -1, False
-                    full.arr.data = full.data
-                    llama_cpp.llama_sampler_apply(grammar, ctypes.byref(full.arr))
-                    z = np.where(np.isfinite(full.view["logit"]), z, -np.inf)
-                p = np.exp(z - z.max())
-                zero = self._digit_ids[self._digit_values == 0]
-                s.tens[index] = float(p[zero].sum() / p.sum())
+                p = self._probs(0, grammar, self._full, self._all_ids)
+                s.tens[index] = float(p[self._digit_ids[self._digit_values == 0]].sum())
             finally:
                 if grammar is not None:
                     llama_cpp.llama_sampler_free(grammar)
@@ -493,21 +492,11 @@ class Engine:
         (p(x) + (1 - Z) p(x) / Z = p(x) / Z), at a fraction of the cost of masking every step.
         """
         token = llama_cpp.llama_sampler_sample(s.chain, self._ctx, row)
-        if s.grammar is None:
-            return token
-        one = self._one
-        one.data[0].id, one.data[0].logit, one.data[0].p = token, 0.0, 0.0
-        one.arr.size, one.arr.selected, one.arr.sorted = 1, -1, False
-        llama_cpp.llama_sampler_apply(s.grammar, ctypes.byref(one.arr))
-        if np.isfinite(one.data[0].logit):
+        if s.grammar is None or self._allows(s.grammar, token):
             return token
         full = self._full
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,))
-        full.view["id"] = np.arange(self.n_vocab, dtype=np.int32)
-        full.view["logit"] = logits
-        full.view["p"] = 0.0
-        full.arr.size, full.arr.selected, full.arr.sorted = self.n_vocab, -1, False
-        full.arr.data = full.data
+        full.load(self._all_ids, np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row),
+                                                       shape=(self.n_vocab,)))
         llama_cpp.llama_sampler_apply(s.grammar, ctypes.byref(full.arr))
         llama_cpp.llama_sampler_apply(s.chain, ctypes.byref(full.arr))
         if full.arr.selected < 0:
@@ -516,21 +505,8 @@ class Engine:
 
     def _digit_distribution(self, s: _Sample, row: int) -> tuple[float, ...]:
         """P(digit) over "0".."9" at this step: temperature applied, grammar-masked, summed per digit."""
-        ids, values = self._digit_ids, self._digit_values
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,))
-        z = logits[ids].astype(np.float64) / self._digit_temperature
-        if s.grammar is not None:
-            arr = self._digits_arr
-            arr.view["id"] = ids
-            arr.view["logit"] = 0.0
-            arr.view["p"] = 0.0
-            arr.arr.size, arr.arr.selected, arr.arr.sorted = len(ids), -1, False
-            arr.arr.data = arr.data
-            llama_cpp.llama_sampler_apply(s.grammar, ctypes.byref(arr.arr))
-            z = np.where(np.isfinite(arr.view["logit"]), z, -np.inf)
-        p = np.exp(z - z.max())
-        per_digit = np.bincount(values, weights=p, minlength=10)
-        return tuple(float(x) for x in per_digit / per_digit.sum())
+        p = self._probs(row, s.grammar, self._digits_arr, self._digit_ids)
+        return tuple(float(x) for x in np.bincount(self._digit_values, weights=p, minlength=10))
 
     def _prepare_digits(self, params: SamplingParams) -> None:
         """Find the vocabulary's digit tokens (once) when a call asks for digit distributions."""
@@ -584,6 +560,14 @@ class _TokenArray:
         self.arr = llama_cpp.llama_token_data_array(data=self.data, size=n, selected=-1, sorted=False)
         dtype = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
         self.view = np.frombuffer(self.data, dtype=dtype)
+
+    def load(self, ids: np.ndarray | int, logits: np.ndarray | float = 0.0) -> None:
+        """Hold these candidates (one per slot) and logits, unsorted and unselected, for a sampler."""
+        self.view["id"] = ids
+        self.view["logit"] = logits
+        self.view["p"] = 0.0
+        self.arr.data = self.data  # a sampler may have pointed it elsewhere
+        self.arr.size, self.arr.selected, self.arr.sorted = len(self.view), -1, False
 
 
 def _decode_pieces(pieces: list[bytes], digits: dict[int, tuple[float, ...]],
