@@ -47,6 +47,15 @@ def resolve_bundle(path: Path | None) -> Path:
     return out
 
 
+def hh_test_rows(data: Path, limit: int, split_seed: int):
+    """(users by id, the first `limit` test rows round-robin over the users) of an HH file."""
+    from pgenrm_lite.datasets import load_hh, rows_of_split, users_from_rows
+    from pgenrm_lite.evaluation import interleave_by_user
+
+    rows = load_hh(data, seed=split_seed)
+    return users_from_rows(rows), interleave_by_user(rows_of_split(rows))[:limit]
+
+
 def int_pair(text: str) -> tuple[int, int]:
     """'20,600' -> (20, 600), for --analysis-chars."""
     try:
@@ -90,6 +99,28 @@ def in_child(fn: Callable, *args):
     """Run fn(*args) in a fresh spawned process and return its result (peak RSS stays per call)."""
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         return pool.submit(fn, *args).result()
+
+
+def decode_step_ms(engine, n_prompt: int, token: int, n: int, steps: int) -> float:
+    """Median ms of one decode step for `n` sequences sharing the prompt held in sequence 0.
+
+    Uses the engine's internals on purpose: it measures a building block, not a call. The
+    prompt's `n_prompt` cells must be in sequence 0; they are left there, and nothing else.
+    """
+    import llama_cpp
+
+    for seq in range(1, n):
+        llama_cpp.llama_memory_seq_cp(engine._mem, 0, seq, -1, -1)
+    times = []
+    for k in range(steps):
+        engine._fill_batch([(token, n_prompt + k, seq, True) for seq in range(n)])
+        t = time.perf_counter()
+        engine._decode()
+        times.append(time.perf_counter() - t)
+    for seq in range(1, n):
+        llama_cpp.llama_memory_seq_rm(engine._mem, seq, -1, -1)
+    llama_cpp.llama_memory_seq_rm(engine._mem, 0, n_prompt, -1)
+    return 1000 * float(median(times))
 
 
 def peak_rss_mb() -> float:

@@ -26,8 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import (OUT_DIR, add_omp_option, add_scorer_options, apply_omp_policy, fmt, load_line, machine,
-                     new_figure, resolve_bundle, save_figure, scorer_options, table, write_json)
+from _common import (OUT_DIR, add_omp_option, add_scorer_options, apply_omp_policy, fmt, hh_test_rows, load_line,
+                     machine, new_figure, resolve_bundle, save_figure, scorer_options, table, write_json)
 
 # (name, m, n, personalised)
 JUDGES = [("no history", 1, 0, False), ("Ind-1", 1, 0, True), ("Ind-8", 8, 0, True), ("Ind-8/Pro-4", 8, 4, True)]
@@ -38,14 +38,6 @@ TIE_CONVENTIONS = {"accuracy_official": "ties and unparseable pairs dropped from
 
 
 # -- data and prototypes --------------------------------------------------------------------------
-
-def load_pairs(data: Path, limit: int, split_seed: int):
-    from pgenrm_lite.datasets import load_hh, rows_of_split, users_from_rows
-    from pgenrm_lite.evaluation import interleave_by_user
-
-    rows = load_hh(data, seed=split_seed)
-    return users_from_rows(rows), interleave_by_user(rows_of_split(rows))[:limit]
-
 
 def pseudo_users(users: dict, per_user: int) -> dict:
     """Members for the prototype index: each user's train history dealt into `per_user` slices."""
@@ -191,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     omp_policy = apply_omp_policy(args.omp_wait_policy)
     at_start = machine()
     bundle = resolve_bundle(args.bundle)
-    users, tests = load_pairs(args.data, args.limit, args.split_seed)
+    users, tests = hh_test_rows(args.data, args.limit, args.split_seed)
     with tempfile.TemporaryDirectory(prefix="accuracy-bench-") as tmp:
         if args.prototypes == "hh":
             judged_bundle, protos = hh_prototype_bundle(bundle, users, Path(tmp), args)

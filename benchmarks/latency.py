@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from _common import (CONFIGS, DEFAULT_DATA, OUT_DIR, QUICK_CONFIGS, add_omp_option, add_scorer_options,
-                     apply_omp_policy, fmt, in_child, load_line, machine, median, new_figure, peak_rss_mb,
+                     apply_omp_policy, fmt, hh_test_rows, in_child, load_line, machine, median, new_figure, peak_rss_mb,
                      percentile, resolve_bundle, save_figure, scorer_options, table, write_json)
 
 LOOKUP_NS = (4, 8)
@@ -34,12 +34,7 @@ LOOKUP_NS = (4, 8)
 
 def hh_pairs(data: Path, n_pairs: int, seed: int) -> list[tuple]:
     """(user, prompt, chosen, rejected) for the first test rows, round-robin over the two users."""
-    from pgenrm_lite.datasets import load_hh, rows_of_split, users_from_rows
-    from pgenrm_lite.evaluation import interleave_by_user
-
-    rows = load_hh(data, seed=seed)
-    users = users_from_rows(rows)
-    tests = interleave_by_user(rows_of_split(rows))[:n_pairs]
+    users, tests = hh_test_rows(data, n_pairs, seed)
     return [(users[r.user_id], r.prompt, r.chosen, r.rejected) for r in tests]
 
 

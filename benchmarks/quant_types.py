@@ -10,7 +10,7 @@ types, and each is measured side by side in one run:
 A re-quantised file carries both quantisations' errors; the reference is the shipped file,
 because the original weights are not available offline.
 
-    python benchmarks/quant_types.py                 # about 4 minutes on 2 cores
+    python benchmarks/quant_types.py                 # about 5 minutes on 2 cores
     python benchmarks/quant_types.py --types q8_0,q4_0 --threads 2
 
 Writes benchmarks/out/quant_types.json (or --out-dir).
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import DEFAULT_DATA, OUT_DIR, fmt, in_child, load_line, machine, table, write_json
+from _common import DEFAULT_DATA, OUT_DIR, decode_step_ms, fmt, in_child, load_line, machine, table, write_json
 
 # llama.cpp's llama_ftype values
 FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k_m": 15, "iq4_nl": 25}
@@ -61,17 +61,7 @@ def speed(model: str, prompt_tokens: int, steps: int, threads: int, ns=(1, 8, 16
             best = min(best or 1e9, time.perf_counter() - t)
         out["prompt_tok_s"] = prompt_tokens / best
         for n in ns:
-            for seq in range(1, n):
-                llama_cpp.llama_memory_seq_cp(engine._mem, 0, seq, -1, -1)
-            times = []
-            for k in range(steps):
-                engine._fill_batch([(tokens[seq % len(tokens)], prompt_tokens + k, seq, True) for seq in range(n)])
-                t = time.perf_counter()
-                engine._decode()
-                times.append(time.perf_counter() - t)
-            for seq in range(n):
-                llama_cpp.llama_memory_seq_rm(engine._mem, seq, prompt_tokens, -1)
-            out["step_ms"][n] = 1000 * float(np.median(times))
+            out["step_ms"][n] = decode_step_ms(engine, prompt_tokens, tokens[0], n, steps)
     return out
 
 

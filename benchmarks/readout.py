@@ -29,16 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import (OUT_DIR, add_omp_option, add_scorer_options, apply_omp_policy, fmt, load_line, machine,
-                     new_figure, resolve_bundle, save_figure, scorer_options, table, write_json)
-
-
-def load_pairs(data: Path, limit: int, split_seed: int):
-    from pgenrm_lite.datasets import load_hh, rows_of_split, users_from_rows
-    from pgenrm_lite.evaluation import interleave_by_user
-
-    rows = load_hh(data, seed=split_seed)
-    return users_from_rows(rows), interleave_by_user(rows_of_split(rows))[:limit]
+from _common import (OUT_DIR, add_omp_option, add_scorer_options, apply_omp_policy, fmt, hh_test_rows, load_line,
+                     machine, new_figure, resolve_bundle, save_figure, scorer_options, table, write_json)
 
 
 def draw(args) -> list[dict]:
@@ -46,7 +38,7 @@ def draw(args) -> list[dict]:
     from pgenrm_lite import Scorer
     from pgenrm_lite._progress import Progress
 
-    users, rows = load_pairs(args.data, args.pairs, args.split_seed)
+    users, rows = hh_test_rows(args.data, args.pairs, args.split_seed)
     out = []
     with Scorer.from_bundle(resolve_bundle(args.bundle), n_samples=args.chains, seed=args.seed,
                             n_threads=args.threads, expected_scores=True, **scorer_options(args)) as scorer, \

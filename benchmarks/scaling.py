@@ -33,9 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (CONFIGS, DEFAULT_DATA, OUT_DIR, QUICK_CONFIGS, add_omp_option, apply_omp_policy, fmt, in_child,
-                     int_pair, load_line, machine, median, new_figure, peak_rss_mb, resolve_bundle, save_figure, table,
-                     write_json)
+from _common import (CONFIGS, DEFAULT_DATA, OUT_DIR, QUICK_CONFIGS, add_omp_option, apply_omp_policy,
+                     decode_step_ms, fmt, in_child, int_pair, load_line, machine, median, new_figure, peak_rss_mb,
+                     resolve_bundle, save_figure, table, write_json)
 
 # "split": the batched engine with a KV stream per sequence instead of one shared pool
 ENGINES = ("batched", "split", "loop")
@@ -217,30 +217,18 @@ def step_anatomy(model: str, prompt: list[int], job: dict, ns: tuple[int, ...] =
 
     The gap is the cost of attending over the prompt, which each sequence pays on its own:
     the weights are read once per step for all sequences, the attention is not shared.
-    Uses the engine's internals on purpose: this measures its building blocks, not a call.
     """
     import llama_cpp
     from pgenrm_lite.engine import Engine
 
-    short = prompt[:32]
     n_ctx = round_up(max(ns) * (len(prompt) + steps + 8))
-    out = []
+    out = [{"sequences": n} for n in ns]
     with Engine(model, n_ctx=n_ctx, n_threads=job["threads"], device="cpu", n_seq_max=max(ns)) as engine:
-        for n in ns:
-            row = {"sequences": n}
-            for label, tokens in (("prompt", prompt), ("short", short)):
-                llama_cpp.llama_memory_clear(engine._mem, True)
-                engine._prefill(0, tuple(tokens), [])
-                for seq in range(1, n):
-                    llama_cpp.llama_memory_seq_cp(engine._mem, 0, seq, -1, -1)
-                times = []
-                for k in range(steps):
-                    engine._fill_batch([(tokens[-1], len(tokens) + k, seq, True) for seq in range(n)])
-                    t = time.perf_counter()
-                    engine._decode()
-                    times.append(time.perf_counter() - t)
-                row[f"{label}_ms"] = 1000 * float(sorted(times)[len(times) // 2])
-            out.append(row)
+        for label, tokens in (("prompt", prompt), ("short", prompt[:32])):
+            llama_cpp.llama_memory_clear(engine._mem, True)
+            engine._prefill(0, tuple(tokens), [])
+            for row in out:
+                row[f"{label}_ms"] = decode_step_ms(engine, len(tokens), tokens[-1], row["sequences"], steps)
     return out
 
 
