@@ -10,7 +10,7 @@ types, and each is measured side by side in one run:
 A re-quantised file carries both quantisations' errors; the reference is the shipped file,
 because the original weights are not available offline.
 
-    python benchmarks/quant_types.py                 # about 5 minutes on 2 cores
+    python benchmarks/quant_types.py                 # about 4 minutes on 2 cores
     python benchmarks/quant_types.py --types q8_0,q4_0 --threads 2
 
 Writes benchmarks/out/quant_types.json (or --out-dir).
