@@ -1,14 +1,25 @@
 """Chat messages to prompt tokens, with the model's own chat template rendered in a sandbox.
 
-Template text may produce special tokens (`<|im_start|>`...); message content never does:
-each content is rendered as a sentinel, the rendered string is split on the sentinels, and
-only the template's own pieces are tokenized with special-token parsing. A user's text
-that spells `<|im_end|>` therefore stays plain text.
+The tokens equal what `transformers`' `apply_chat_template(messages,
+add_generation_prompt=True)` gives on ordinary text, the template's own whitespace
+trimming (Llama 3's `content | trim`, Gemma 3's) included, with one deliberate
+difference: special tokens come only from the template's own text. A user's text that
+spells `<|eot_id|>` or `<|im_end|>` stays plain text (transformers would make it a
+control token).
+
+How: every message is first rendered as a marker padded with whitespace probes. The
+probes that survive tell whether the template trims that message (we then strip it the
+same way); the template text around the markers is split at its control tokens; the
+plain text between two control tokens, template and content together, is tokenized as
+one run, as a Hugging Face tokenizer does. A second render with the real contents must
+give exactly the string the pieces join to, or the template is refused.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
+import re
 import uuid
 from typing import Callable, Sequence
 
@@ -22,10 +33,20 @@ FALLBACK_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+OVERRIDE_HINT = ("pass chat_template= (a Jinja template string or a .jinja file) to Scorer.from_bundle / "
+                 "from_gguf, or set it in the bundle with `python -m export bundle --chat-template FILE`")
+
+# Whitespace probes around each marker: no template text ends or starts with these.
+_PAD_LEFT, _PAD_RIGHT = " \t\n", "\n\t "
 
 
 def _raise(message: str):
     raise jinja2.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' version: no HTML escaping, unlike Jinja's built-in filter.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 MAX_RENDERED_CHARS = 1 << 22  # a chat template's output never needs more than a few MB
@@ -47,7 +68,9 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
+    # The same environment settings as transformers' chat-template renderer.
     env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     return env
@@ -62,41 +85,88 @@ class ChatFormatter:
         try:
             self._template = _environment().from_string(self.template_source)
         except Exception as exc:  # TemplateSyntaxError, or e.g. RecursionError on absurd nesting
-            raise ConfigError(f"the model's chat template does not compile ({exc}); pass a "
-                              "chat_template= override") from exc
+            raise ConfigError(f"the chat template does not compile ({exc}); {OVERRIDE_HINT}") from exc
         self.bos_token = bos_token
         self.eos_token = eos_token
 
-    def render_parts(self, messages: Sequence[dict]) -> list[tuple[str, bool]]:
-        """The prompt as (text, is_template_text) pieces, in order."""
-        marks = [f"\x1e{uuid.uuid4().hex}\x1e" for _ in messages]
-        stand_ins = [{"role": m["role"], "content": mark} for m, mark in zip(messages, marks)]
+    def render(self, messages: Sequence[dict]) -> str:
+        """The prompt as one string, as `apply_chat_template(..., tokenize=False)` writes it."""
         try:
-            rendered = self._template.render(messages=stand_ins, add_generation_prompt=True,
-                                             bos_token=self.bos_token, eos_token=self.eos_token)
+            # enable_thinking=False: Qwen3-style templates then open the answer with an empty
+            # think block; a reward model's contract starts with its own analysis.
+            out = self._template.render(messages=list(messages), add_generation_prompt=True,
+                                        enable_thinking=False, bos_token=self.bos_token,
+                                        eos_token=self.eos_token)
         except Exception as exc:
             # The template is data from the model file: whatever it raises (a SecurityError from the
             # sandbox, OverflowError from a huge range(), TypeError, ...) is a configuration problem.
             raise ConfigError(f"the chat template failed to render these messages: "
-                              f"{type(exc).__name__}: {exc}") from exc
+                              f"{type(exc).__name__}: {exc}; {OVERRIDE_HINT}") from exc
+        if len(out) > MAX_RENDERED_CHARS:
+            raise ConfigError(f"the chat template wrote {len(out)} characters; {OVERRIDE_HINT}")
+        return out
+
+    def render_parts(self, messages: Sequence[dict]) -> list[tuple[str, bool]]:
+        """The prompt as (text, is_template_text) pieces, in order; contents trimmed as the template does."""
+        marks = [f"\ue000{uuid.uuid4().hex}\ue001" for _ in messages]
+        probed = self.render([{**m, "content": _PAD_LEFT + mark + _PAD_RIGHT} for m, mark in zip(messages, marks)])
+        found = []
+        for i, mark in enumerate(marks):
+            at = [m.start() for m in re.finditer(re.escape(mark), probed)]
+            if len(at) != 1:
+                raise EngineError(f"the chat template {'dropped' if not at else 'repeated'} message {i} "
+                                  f"({messages[i].get('role')!r}); it cannot be tokenized safely: {OVERRIDE_HINT}")
+            found.append((at[0], i))
         parts: list[tuple[str, bool]] = []
-        rest = rendered
-        for m, mark in zip(messages, marks):
-            before, found, after = rest.partition(mark)
-            if not found:
-                raise EngineError("the chat template dropped or rewrote a message; it cannot be "
-                                  "used safely (pass a chat_template= override)")
-            parts.append((before, True))
-            parts.append((m["content"], False))
-            rest = after
-        parts.append((rest, True))
-        return [(t, special) for t, special in parts if t]
+        cursor = 0
+        for pos, i in sorted(found):
+            keep_left = probed[:pos].endswith(_PAD_LEFT)
+            keep_right = probed.startswith(_PAD_RIGHT, pos + len(marks[i]))
+            start = pos - len(_PAD_LEFT) if keep_left else pos
+            content = messages[i]["content"]
+            content = content if keep_left else content.lstrip()
+            content = content if keep_right else content.rstrip()
+            parts.append((probed[cursor:start], True))
+            parts.append((content, False))
+            cursor = pos + len(marks[i]) + (len(_PAD_RIGHT) if keep_right else 0)
+        parts.append((probed[cursor:], True))
+        parts = [(t, is_template) for t, is_template in parts if t]
+        if "".join(t for t, _ in parts) != self.render(messages):
+            raise EngineError("the chat template changes message contents in a way that cannot be reproduced "
+                              f"safely (beyond trimming whitespace): {OVERRIDE_HINT}")
+        return parts
 
     def tokenize(self, messages: Sequence[dict], tokenize: Callable[..., list[int]], *,
+                 is_control: Callable[[int], bool], token_text: Callable[[int], str],
                  bos_id: int | None) -> list[int]:
+        """Prompt token ids: control tokens from template text only, every other run tokenized whole."""
         tokens: list[int] = []
+        run: list[str] = []
+
+        def flush() -> None:
+            if any(run):
+                tokens.extend(tokenize("".join(run), add_special=False, parse_special=False))
+                run.clear()
+
         for text, is_template in self.render_parts(messages):
-            tokens.extend(tokenize(text, add_special=False, parse_special=is_template))
+            if not is_template:
+                run.append(text)
+                continue
+            cursor = 0
+            for tid in tokenize(text, add_special=False, parse_special=True):
+                if not is_control(tid):
+                    continue
+                spelled = token_text(tid)
+                at = text.find(spelled, cursor) if spelled else -1
+                if at < 0:
+                    raise EngineError(f"control token {tid} ({spelled!r}) of the chat template's text cannot "
+                                      f"be located in it; {OVERRIDE_HINT}")
+                run.append(text[cursor:at])
+                flush()
+                tokens.append(tid)
+                cursor = at + len(spelled)
+            run.append(text[cursor:])
+        flush()
         if bos_id is not None and (not tokens or tokens[0] != bos_id):
             tokens.insert(0, bos_id)
         return tokens

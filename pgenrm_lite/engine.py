@@ -96,7 +96,8 @@ class Engine:
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 8192, n_threads: int | None = None,
                  device: str = "auto", n_batch: int = 512, n_seq_max: int = 64,
-                 flash_attn: bool = True, kv_unified: bool = True, verbose: bool = False):
+                 flash_attn: bool = True, kv_unified: bool = True, verbose: bool = False,
+                 chat_template: str | None = None):
         if device not in DEVICES:
             raise ConfigError(f"device must be one of {DEVICES}, got {device!r}")
         if n_ctx < 64:
@@ -164,7 +165,8 @@ class Engine:
         self._digit_ids: np.ndarray | None = None
         self._digit_of: dict[int, int] = {}
         self._probes: list = []
-        self.chat_template = self._meta("tokenizer.chat_template")
+        # An override wins over the template the GGUF file carries (e.g. a file without one).
+        self.chat_template = chat_template or self._meta("tokenizer.chat_template")
         self.architecture = self._meta("general.architecture") or "unknown"
         bos = llama_cpp.llama_vocab_bos(self._vocab)
         eos = llama_cpp.llama_vocab_eos(self._vocab)
@@ -231,7 +233,19 @@ class Engine:
 
     def chat_tokens(self, messages: Sequence[dict]) -> tuple[int, ...]:
         """Prompt tokens for chat messages, ending with the assistant's generation prompt."""
-        return tuple(self._chat.tokenize(messages, self.tokenize, bos_id=self._bos_id))
+        return tuple(self._chat.tokenize(messages, self.tokenize, is_control=self.is_control,
+                                         token_text=self.token_text, bos_id=self._bos_id))
+
+    def render_chat(self, messages: Sequence[dict]) -> str:
+        """The chat template's output as one string (what transformers' apply_chat_template writes)."""
+        return self._chat.render(messages)
+
+    def is_control(self, token: int) -> bool:
+        """A control token: one that only template text (parse_special) can produce."""
+        return bool(llama_cpp.llama_vocab_is_control(self._vocab, token))
+
+    def token_text(self, token: int) -> str:
+        return self.token_bytes(token, special=True).decode("utf-8", "replace")
 
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
         n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, special)

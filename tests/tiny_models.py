@@ -271,3 +271,67 @@ def build_tiny_gguf(cache_dir: str | Path, arch: str = "llama", outtype: str = "
     bpe_pre = "gpt-2" if tokenizer == "bpe" else None
     convert(hf_dir, out, outtype=outtype, bpe_pre=bpe_pre, progress=False)
     return out
+
+
+# ----------------------------------------------------------------------------- real tokenizers
+
+# Real tokenizers with their chat templates (scripts/fetch_tokenizers.sh puts them here):
+# name -> (architecture to pair them with, or None for rendering tests only).
+REAL_TOKENIZERS = {"llama3_1": "llama", "qwen3": "qwen3", "gemma3": None}
+
+
+def real_tokenizer_dir(name: str) -> Path:
+    import os
+
+    root = Path(os.environ.get("PGENRM_TOKENIZERS") or Path.home() / ".cache" / "pgenrm-lite" / "tokenizers")
+    return root / name
+
+
+def build_real_tokenizer_checkpoint(out_dir: str | Path, name: str, *, seed: int = 0) -> Path:
+    """A tiny random checkpoint of the real architecture around a real tokenizer (its full vocabulary).
+
+    llama3_1: Llama with the 128,256-token Llama 3.1 vocabulary, llama3 rope scaling, GQA;
+    qwen3: Qwen3 with q/k norms and the Qwen3 vocabulary. The tokenizer files and chat
+    template are the real ones, copied unchanged.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, arch = real_tokenizer_dir(name), REAL_TOKENIZERS[name]
+    if arch is None:
+        raise ValueError(f"{name} is for rendering tests only")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(src / f, out_dir / f)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    overrides: dict[str, Any] = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                                 "pad_token_id": tok.pad_token_id}
+    if arch == "llama":  # Llama 3.1's own rope settings, on a short context
+        overrides.update(rope_theta=500000.0, max_position_embeddings=8192, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 1024})
+    else:
+        overrides.update(tie_word_embeddings=True, max_position_embeddings=8192)
+    config = _config(arch, len(tok), overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomise_small_params(model, seed)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_real_tokenizer_gguf(cache_dir: str | Path, name: str, outtype: str = "f32") -> Path:
+    """Build (once) `build_real_tokenizer_checkpoint` and its GGUF (pre-tokenizer detected, not forced)."""
+    _ensure_repo_on_path()
+    from export.gguf_convert import convert
+
+    cache_dir = Path(cache_dir)
+    out = cache_dir / f"real-{name}-{outtype}.gguf"
+    if out.exists():
+        return out
+    hf_dir = cache_dir / f"real-{name}-hf"
+    if not (hf_dir / "config.json").exists():
+        build_real_tokenizer_checkpoint(hf_dir, name)
+    convert(hf_dir, out, outtype=outtype, progress=False)
+    return out
