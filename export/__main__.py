@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "gguf": ("export.gguf_convert", "convert a Hugging Face causal LM checkpoint to GGUF"),
     "onnx-embedder": ("export.onnx_embedder", "export a sentence-transformers embedder to ONNX"),
+    "template": ("export.official_template", "write a template file from your checkout of the official code"),
     "bundle": ("export.bundle_build", "assemble a bundle directory from exported files"),
     "prototypes": ("export.prototypes_build", "build the user-prototype index into a bundle"),
     "default-bundle": ("export.default_bundle", "build the embedded default bundle"),

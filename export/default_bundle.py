@@ -69,7 +69,8 @@ def build_default_bundle(out: Path, *, seed: int = 0) -> Path:
         export_embedder(minilm, embedder, source="sentence-transformers/all-MiniLM-L6-v2")
         staged = build_bundle(gguf, work / "bundle", embedder_dir=embedder)
         bundle = Bundle.open(staged, verify="none")
-        write_manifest(staged, bundle.manifest.model_copy(update={"defaults": dict(RECOMMENDED)}))
+        defaults = {**bundle.manifest.defaults, **RECOMMENDED}
+        write_manifest(staged, bundle.manifest.model_copy(update={"defaults": defaults}))
         users = users_from_rows(load_rows(example_users_path()))
         build_prototypes(staged, users, k=PROTOTYPES_K, persona_source="history", members_carry="history",
                          seed=seed)

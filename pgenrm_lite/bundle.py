@@ -52,6 +52,17 @@ class Bundle:
     def llm_path(self) -> Path:
         return self.path(self.manifest.llm.file)
 
+    def chat_template(self) -> str | None:
+        """The bundle's chat-template override (`llm.chat_template_file`), or None to use the GGUF's own."""
+        rel = self.manifest.llm.chat_template_file
+        if rel is None:
+            return None
+        try:
+            return self.path(rel).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BundleIntegrityError(f"bundle chat template {rel} cannot be read as UTF-8 text ({exc}); "
+                                       "rebuild the bundle") from exc
+
     @classmethod
     def open(cls, root: str | os.PathLike, *, verify: Verify = "size") -> "Bundle":
         root = Path(root)
@@ -68,6 +79,8 @@ class Bundle:
         """Raise `BundleIntegrityError` on the first file that is missing or differs from the manifest."""
         listed = {f.path for f in self.manifest.files}
         needed = [self.manifest.llm.file]
+        if self.manifest.llm.chat_template_file:
+            needed.append(self.manifest.llm.chat_template_file)
         if self.manifest.embedder:
             e = self.manifest.embedder
             needed += [f"{e.dir}/{e.model_file}", f"{e.dir}/{e.tokenizer_file}"]

@@ -45,6 +45,17 @@ def _bundle_path(args) -> Path:
     return Path(args.bundle) if args.bundle else default_bundle_dir()
 
 
+def _bundle_contract(args):
+    """The output contract the bundle's template names (read from its manifest; no model loaded)."""
+    from .bundle import read_manifest
+    from .protocol import resolve_template
+
+    path = _bundle_path(args)
+    if not (path / "manifest.json").is_file():
+        return resolve_template(None).output_contract
+    return resolve_template(read_manifest(path).template).output_contract
+
+
 def _open_scorer(args, **overrides):
     from .errors import BundleError
     from .scorer import Scorer
@@ -54,7 +65,7 @@ def _open_scorer(args, **overrides):
         raise BundleError(f"no default bundle at {path}; build it with `python -m export default-bundle` "
                           "or pass --bundle DIR")
     options: dict[str, Any] = {}
-    for name in ("max_tokens", "temperature", "expected_scores"):
+    for name in ("max_tokens", "temperature", "expected_scores", "candidate_order", "chat_template"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     options.update(overrides)
@@ -159,7 +170,7 @@ def _eval_rows(args):
     if args.format == "hh":
         rows = load_hh(args.data, seed=args.split_seed)
     else:
-        rows = load_rows(args.data)
+        rows = load_rows(args.data, turns=args.turns or _bundle_contract(args).turns)
     users = users_from_rows(rows)
     tests = interleave_by_user(rows_of_split(rows))
     if args.limit is not None:
@@ -179,6 +190,9 @@ def cmd_eval(args) -> int:
                   "n_neighbors": scorer.n_neighbors, "seed": args.seed, "split_seed": args.split_seed,
                   "max_tokens": scorer.params.max_tokens, "temperature": scorer.params.temperature,
                   "constrained": scorer.constrained, "model": scorer.engine.architecture,
+                  "contract": scorer.contract.name, "candidate_order": scorer.candidate_order,
+                  "history_order": scorer.history_order,
+                  "turns": None if args.format != "prb" else (args.turns or scorer.contract.turns),
                   "tie_conventions": {"accuracy_official": "ties and unparseable pairs dropped from the denominator",
                                       "accuracy_rewardbench": "ties and unparseable pairs counted wrong"}}
 
@@ -346,6 +360,10 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--expected-scores", action="store_true", default=None,
                    help="read each chain's final scores as digit expectations (lower variance per chain)")
+    p.add_argument("--candidate-order", choices=("sample", "item"), default=None,
+                   help="draw the candidates' order per sample (default) or once per pair (the official pipeline)")
+    p.add_argument("--chat-template", metavar="FILE.jinja", default=None,
+                   help="a chat template that replaces the bundle's and the model file's own")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -384,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "there use the non-personalised judge")
     p.add_argument("--limit", type=int, default=None, help="judge at most N test pairs (round-robin over users)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the history/test split (hh)")
+    p.add_argument("--turns", choices=("first", "all"), default=None,
+                   help="multi-turn contexts: the first turn only, or every turn labelled (default: the "
+                        "bundle's contract: first for official, all for structured)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="OpenRLHF-compatible HTTP reward server (POST /get_reward, GET /health)")

@@ -89,27 +89,33 @@ def _message_content(row: dict, key: str, where: dict) -> str:
     return _text(msg, "content", where, label=f"{key}.content")
 
 
-def render_context(context: list, where: dict) -> str:
-    """A conversation as query text: a single user turn as is, several turns labelled."""
+def render_context(context: list, where: dict, turns: str = "all") -> str:
+    """A conversation as query text: a single user turn as is, several turns labelled.
+
+    turns="first" keeps only the first turn, as the official P-GenRM pipeline does
+    (`context[0]['content']`, for the query and in history entries alike).
+    """
+    if turns not in ("all", "first"):
+        raise DataFormatError(f"turns must be 'all' or 'first', got {turns!r}", **where)
     if not isinstance(context, list) or not context:
         raise DataFormatError("field 'context' must be a non-empty list of {role, content}",
                               field="context", **where)
-    turns = []
+    all_turns = []
     for i, turn in enumerate(context):
         if not isinstance(turn, dict) or not isinstance(turn.get("content"), str) \
                 or not isinstance(turn.get("role", "user"), str):
             raise DataFormatError(f"field 'context[{i}]' must be a {{role, content}} object with "
                                   "string role and content", field=f"context[{i}]", **where)
-        turns.append((turn.get("role", "user"), turn["content"]))
-    text = turns[0][1] if len(turns) == 1 else "\n\n".join(
-        f"{'User' if r == 'user' else 'Assistant'}: {c}" for r, c in turns)
+        all_turns.append((turn.get("role", "user"), turn["content"]))
+    text = all_turns[0][1] if len(all_turns) == 1 or turns == "first" else "\n\n".join(
+        f"{'User' if r == 'user' else 'Assistant'}: {c}" for r, c in all_turns)
     if len(text) > MAX_TEXT_CHARS:
         raise DataFormatError(f"field 'context' is longer than {MAX_TEXT_CHARS} characters", field="context",
                               **where)
     return text
 
 
-def parse_row(obj: Any, *, path: str | None = None, line: int | None = None) -> Row:
+def parse_row(obj: Any, *, path: str | None = None, line: int | None = None, turns: str = "all") -> Row:
     where = {"path": path, "line": line}
     if not isinstance(obj, dict):
         raise DataFormatError(f"a row must be a JSON object, got {type(obj).__name__}", **where)
@@ -131,15 +137,19 @@ def parse_row(obj: Any, *, path: str | None = None, line: int | None = None) -> 
                              or isinstance(conv, int) and abs(conv) >= 10 ** 256):
         raise DataFormatError("field 'conversation_id' must be a string or an integer", field="conversation_id",
                               **where)
-    return Row(user_id=user_id, prompt=render_context(obj["context"], where),
+    return Row(user_id=user_id, prompt=render_context(obj["context"], where, turns),
                chosen=_message_content(obj, "chosen", where), rejected=_message_content(obj, "rejected", where),
                split=split, conversation_id=None if conv is None else str(conv))
 
 
-def load_rows(path: str | Path) -> list[Row]:
-    """Rows of a PersonalRewardBench-format file (.jsonl, .jsonl.gz, or .json list/object)."""
+def load_rows(path: str | Path, *, turns: str = "all") -> list[Row]:
+    """Rows of a PersonalRewardBench-format file (.jsonl, .jsonl.gz, or .json list/object).
+
+    Multi-turn contexts become the query as every turn labelled (turns="all") or the first
+    turn only (turns="first", the official contract's default).
+    """
     path = Path(path)
-    return [parse_row(obj, path=str(path), line=n) for n, obj in _records(path)]
+    return [parse_row(obj, path=str(path), line=n, turns=turns) for n, obj in _records(path)]
 
 
 def load_hh(path: str | Path, *, test_fraction: float = 0.5, seed: int = 0,

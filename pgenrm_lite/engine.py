@@ -550,6 +550,18 @@ class Engine:
             raise ConfigError("llama.cpp rejected the grammar (GBNF syntax error)")
         return g
 
+    def grammar_accepts(self, grammar: str, text: str) -> bool:
+        """Whether `grammar` lets this model write `text` (as this vocabulary tokenizes it) and then stop."""
+        g = self._make_grammar(SamplingParams(grammar=grammar))
+        try:
+            for token in self.tokenize(text) + [llama_cpp.llama_vocab_eos(self._vocab)]:
+                if not self._allows(g, token):
+                    return False
+                llama_cpp.llama_sampler_accept(g, token)
+            return True
+        finally:
+            llama_cpp.llama_sampler_free(g)
+
     def _make_chain(self, seed: int, params: SamplingParams):
         sparams = llama_cpp.llama_sampler_chain_default_params()
         sparams.no_perf = True

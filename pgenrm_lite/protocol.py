@@ -19,11 +19,12 @@ from typing import Any, Sequence
 
 import orjson
 
+from . import contracts
+from .contracts import (DEFAULT_MAX_CRITERIA, JSON_END, JSON_START, NAME_PATTERN,  # noqa: F401 (re-exported)
+                        Contract, get_contract)
 from .errors import ChainParseError, ConfigError
 from .records import Criterion, EvaluationChain, Preference, UserProfile
 
-JSON_START = "<JSON_START>"
-JSON_END = "<JSON_END>"
 DEFAULT_HISTORY_PAIRS = 3  # the paper's ablation peaks at three pairs
 TRUNCATION_MARK = " [...truncated {n} characters]"
 
@@ -51,8 +52,14 @@ class Template:
     history_entry: str
     stated_preferences: str
     name: str = "custom"
+    contract: str = "structured"  # the output contract the model answers in (see contracts.py)
+
+    @property
+    def output_contract(self) -> Contract:
+        return get_contract(self.contract)
 
     def __post_init__(self) -> None:
+        get_contract(self.contract)
         for part, required in _REQUIRED.items():
             found = set(_PLACEHOLDER.findall(getattr(self, part)))
             missing = required - found
@@ -73,12 +80,16 @@ class Template:
         missing = [k for k in ("system", "user", "history_entry", "stated_preferences") if k not in data]
         if missing:
             raise ConfigError(f"{source}: template lacks key(s) {missing}")
-        bad = [k for k in ("system", "user", "history_entry", "stated_preferences", "name")
+        bad = [k for k in ("system", "user", "history_entry", "stated_preferences", "name", "contract")
                if k in data and not isinstance(data[k], str)]
         if bad:
             raise ConfigError(f"{source}: template key(s) {bad} must be strings")
+        if data.get("contract", "structured") not in contracts.CONTRACTS:
+            raise ConfigError(f"{source}: template key 'contract' is {data['contract']!r}; "
+                              f"known contracts: {sorted(contracts.CONTRACTS)}")
         return cls(system=data["system"], user=data["user"], history_entry=data["history_entry"],
-                   stated_preferences=data["stated_preferences"], name=data.get("name", "custom"))
+                   stated_preferences=data["stated_preferences"], name=data.get("name", "custom"),
+                   contract=data.get("contract", "structured"))
 
     @classmethod
     def load(cls, path: str | Path) -> "Template":
@@ -93,7 +104,7 @@ class Template:
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, str]:
-        return {"name": self.name, "system": self.system, "user": self.user,
+        return {"name": self.name, "contract": self.contract, "system": self.system, "user": self.user,
                 "history_entry": self.history_entry, "stated_preferences": self.stated_preferences}
 
 
@@ -152,14 +163,21 @@ def derive_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def select_history(history: Sequence[Preference], k: int, seed: int) -> list[Preference]:
-    """Up to `k` pairs drawn without replacement (seeded), kept in their original order."""
+def select_history(history: Sequence[Preference], k: int, seed: int,
+                   order: contracts.HistoryOrder = "original") -> list[Preference]:
+    """Up to `k` pairs drawn without replacement (seeded).
+
+    order="original" keeps them in the user's order; "sampled" keeps the order they were
+    drawn in (the official pipeline's `random.sample`).
+    """
     if k < 0:
         raise ConfigError(f"history pair count must be >= 0, got {k}")
-    if len(history) <= k:
+    if order not in ("original", "sampled"):
+        raise ConfigError(f"history_order must be 'original' or 'sampled', got {order!r}")
+    if len(history) <= k and order == "original":
         return list(history)
-    idx = sorted(random.Random(derive_seed(seed, "history")).sample(range(len(history)), k))
-    return [history[i] for i in idx]
+    idx = random.Random(derive_seed(seed, "history")).sample(range(len(history)), min(k, len(history)))
+    return [history[i] for i in (sorted(idx) if order == "original" else idx)]
 
 
 def is_swapped(seed: int) -> bool:
@@ -197,49 +215,19 @@ def render_messages(user: UserProfile, prompt: str, response_1: str, response_2:
 
 # -- output grammar ---------------------------------------------------------------------
 
-DEFAULT_ANALYSIS_CHARS = (40, 2000)
-DEFAULT_MAX_CRITERIA = 5
-NAME_CHARS = 40
+DEFAULT_ANALYSIS_CHARS = contracts.CONTRACTS["structured"].analysis_chars
 
 
-def grammar_token_need(*, analysis_chars: tuple[int, int] = DEFAULT_ANALYSIS_CHARS,
+def grammar_token_need(*, analysis_chars: tuple[int, int] = DEFAULT_ANALYSIS_CHARS,  # type: ignore[assignment]
                        max_criteria: int = DEFAULT_MAX_CRITERIA) -> int:
-    """A generous token count for the longest output the grammar allows on typical text.
-
-    About three characters per token for free text and ~56 tokens per criterion (markup,
-    a name of up to 40 characters, three numbers); a `max_tokens` below this risks chains
-    cut off inside the JSON block.
-    """
-    return analysis_chars[1] // 3 + max_criteria * 56 + 48
+    """The structured contract's `contracts.structured_token_need`."""
+    return contracts.structured_token_need(analysis_chars, max_criteria)
 
 
-def output_grammar(*, analysis_chars: tuple[int, int] = DEFAULT_ANALYSIS_CHARS,
+def output_grammar(*, analysis_chars: tuple[int, int] = DEFAULT_ANALYSIS_CHARS,  # type: ignore[assignment]
                    max_criteria: int = DEFAULT_MAX_CRITERIA) -> str:
-    """GBNF for the output contract: bounded free text, then the JSON block with bounded scores.
-
-    Free text may not contain '<', so the first '<' must open `<JSON_START>`. Criterion
-    scores are 1-10 (one optional decimal), weights 1-100, final scores 0-10.
-    """
-    lo, hi = analysis_chars
-    if not (0 < lo <= hi):
-        raise ConfigError("analysis_chars must be (min, max) with 0 < min <= max")
-    if max_criteria < 1:
-        raise ConfigError("max_criteria must be >= 1")
-    more = f"(\",\" ws criterion){{0,{max_criteria - 1}}}" if max_criteria > 1 else ""
-    return "\n".join([
-        f'root ::= analysis "\\n{JSON_START}\\n" object "\\n{JSON_END}"',
-        f"analysis ::= [^<\\x00-\\x08]{{{lo},{hi}}}",
-        'object ::= "{" ws "\\"rationale\\": {" ws "\\"criteria\\": [" ws criterion ' + more
-        + ' ws "]" ws "}," ws "\\"better_response\\": {" ws "\\"response_1\\": " final ","'
-        + ' ws "\\"response_2\\": " final ws "}" ws "}"',
-        'criterion ::= "{\\"name\\": " name ", \\"weight\\": " weight ", \\"response_1\\": " score'
-        + ' ", \\"response_2\\": " score "}"',
-        f'name ::= "\\"" [^"\\\\<\\x00-\\x1f]{{1,{NAME_CHARS}}} "\\""',
-        'weight ::= "100" | [1-9] [0-9]?',
-        'score ::= "10" | [1-9] ("." [0-9])?',
-        'final ::= "10" ("." "0"{1,2})? | [0-9] ("." [0-9]{1,2})?',
-        'ws ::= [ \\n]{0,2}',
-    ]) + "\n"
+    """The structured contract's grammar (`contracts.structured_grammar`)."""
+    return contracts.structured_grammar(analysis_chars, max_criteria)
 
 
 # -- parsing ----------------------------------------------------------------------------
@@ -307,9 +295,12 @@ def _load_object(body: str, raw: str) -> dict:
 
 
 def _criteria(rationale: Any, raw: str) -> list[Criterion]:
+    """Criteria from a structured rationale (an object with a "criteria" list) or an official string one."""
+    if isinstance(rationale, str):
+        return criteria_from_text(rationale)
     items = rationale.get("criteria") if isinstance(rationale, dict) else None
     if not isinstance(items, list):
-        return []  # free-text rationale, as some checkpoints write it
+        return []
     out = []
     for i, item in enumerate(items):
         if not isinstance(item, dict):
@@ -317,11 +308,76 @@ def _criteria(rationale: Any, raw: str) -> list[Criterion]:
         name = item.get("name") or item.get("criterion") or f"criterion {i + 1}"
         weight = _lookup(item, "weight")
         s1, s2 = _lookup(item, "response_1", "response1"), _lookup(item, "response_2", "response2")
+        w = _as_number(weight, f"criterion {i + 1} weight", raw) if weight is not None else 0.0
         out.append(Criterion(
-            name=str(name)[:200],
-            weight=_as_number(weight, f"criterion {i + 1} weight", raw) if weight is not None else 0.0,
+            name=str(name)[:200], weight=w, raw_weight=w,
             scores=(_as_number(s1, f"criterion {i + 1} response_1 score", raw) if s1 is not None else None,
                     _as_number(s2, f"criterion {i + 1} response_2 score", raw) if s2 is not None else None)))
+    return out
+
+
+def _normalised(criteria: list[Criterion]) -> tuple[list[Criterion], float | None]:
+    """Weights scaled to sum to 100 (the written ones kept as `raw_weight`), and the written sum."""
+    if not criteria:
+        return criteria, None
+    total = sum(c.raw_weight or 0.0 for c in criteria)
+    if total <= 0:
+        return criteria, total
+    return [c.model_copy(update={"weight": (c.raw_weight or 0.0) * 100.0 / total}) for c in criteria], total
+
+
+# The official rationale in prose: "A. Evaluation Criteria & Weights" naming each criterion
+# with a percentage, then "B. Scoring Breakdown" per response, then the final computation.
+_BULLET = r"(?:^|\n)[ \t]*(?:[-*\u2022]|\d{1,2}[.)]|[A-Za-z][.)])?[ \t]*"
+_CRITERION_WEIGHT = re.compile(
+    _BULLET + r"\**(?P<name>[A-Za-z][A-Za-z0-9 &/,'\-]{0,60}?)\**[ \t]*"
+    r"(?:\(\s*(?:weight\s*[:=]?\s*)?(?P<w1>\d{1,3}(?:\.\d+)?)\s*%\s*\)"
+    r"|[:\-\u2013]\s*(?:weight\s*[:=]?\s*)?(?P<w2>\d{1,3}(?:\.\d+)?)\s*%)")
+_RESPONSE_HEAD = re.compile(r"Response[ _]?([12])\b(?!\s*Final)", re.IGNORECASE)
+_SKIP_WEIGHT = r"(?:\s*\(\s*(?:weight\s*[:=]?\s*)?\d{1,3}(?:\.\d+)?\s*%\s*\))?"
+_SCORE_AFTER = r"\**\s*[:=\-\u2013]?\s*(?:score\s*[:=]?\s*)?(\d{1,2}(?:\.\d+)?)(?!\s*%)(?:\s*/\s*10)?"
+
+
+def criteria_from_text(rationale: str) -> list[Criterion]:
+    """Criteria, weights and both responses' scores from an official string rationale.
+
+    Reads the layout the official contract asks for: criteria with percentage weights
+    (`Clarity (40%)`, `- Clarity: 40%`), then a breakdown per response in which each
+    criterion is named with its score (`Clarity: 8/10`). Returns [] when no criterion with
+    a weight can be found; scores the breakdown does not give stay None.
+    """
+    first = _RESPONSE_HEAD.search(rationale)
+    head = rationale[: first.start()] if first else rationale
+    found: dict[str, float] = {}
+    for m in _CRITERION_WEIGHT.finditer(head):
+        name = re.sub(r"\s+", " ", m.group("name")).strip(" ,-&/")
+        if name and name.lower() not in found and not re.search(r"weights?$|criteria$", name, re.IGNORECASE):
+            found[name] = float(m.group("w1") or m.group("w2"))
+    found = {k: v for k, v in found.items() if 0 < v <= 100}
+    if not found:
+        return []
+    sections = _response_sections(rationale[len(head):])
+    out = []
+    for name, weight in found.items():
+        pattern = re.compile(re.escape(name) + _SKIP_WEIGHT + _SCORE_AFTER, re.IGNORECASE)
+        scores = []
+        for idx in (1, 2):
+            m = pattern.search(sections.get(idx, ""))
+            value = float(m.group(1)) if m else None
+            scores.append(value if value is not None and 0 <= value <= 10 else None)
+        out.append(Criterion(name=name[:200], weight=weight, raw_weight=weight, scores=(scores[0], scores[1])))
+    return out
+
+
+def _response_sections(text: str) -> dict[int, str]:
+    """The breakdown text of Response 1 and of Response 2 (from each one's first heading)."""
+    starts: dict[int, int] = {}
+    for m in _RESPONSE_HEAD.finditer(text):
+        starts.setdefault(int(m.group(1)), m.end())
+    out = {}
+    for idx, at in starts.items():
+        other = [v for k, v in starts.items() if k != idx and v > at]
+        out[idx] = text[at: min(other) if other else len(text)]
     return out
 
 
@@ -333,6 +389,8 @@ def parse_chain(text: str) -> EvaluationChain:
     analysis, body = _json_block(text)
     obj = _load_object(body, text)
     verdict = _lookup(obj, "better_response")
+    if verdict is None:
+        verdict = _lookup(obj, "scores")  # the key the official specification's first line names
     if not isinstance(verdict, dict):
         raise ChainParseError('the JSON object has no "better_response" object', text)
     s1, s2 = _lookup(verdict, "response_1", "response1"), _lookup(verdict, "response_2", "response2")
@@ -340,8 +398,10 @@ def parse_chain(text: str) -> EvaluationChain:
         raise ChainParseError('"better_response" lacks "response_1" or "response_2"', text)
     finals = (_as_number(s1, "final score of Response 1", text),
               _as_number(s2, "final score of Response 2", text))
-    return EvaluationChain(analysis=analysis, criteria=_criteria(_lookup(obj, "rationale"), text),
-                           final_scores=finals, raw=text)
+    rationale = _lookup(obj, "rationale")
+    criteria, weights_sum = _normalised(_criteria(rationale, text))
+    return EvaluationChain(analysis=analysis, criteria=criteria, final_scores=finals, raw=text,
+                           rationale=rationale if isinstance(rationale, str) else None, weights_sum=weights_sum)
 
 
 _FINALS = re.compile(r'"better_response":\s*\{\s*"response_1":\s*(\d+(?:\.\d+)?)\s*,'

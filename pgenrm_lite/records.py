@@ -83,10 +83,15 @@ class UserProfile(_Record):
 
 
 class Criterion(_Record):
-    """One personalised criterion of a chain: its weight (percent) and both responses' 1-10 scores."""
+    """One personalised criterion of a chain: its weight (percent) and both responses' 1-10 scores.
+
+    `weight` is normalised so a chain's weights sum to 100; `raw_weight` is the number the
+    model wrote (they differ when the written weights did not sum to 100).
+    """
 
     name: str
     weight: float
+    raw_weight: Optional[float] = None
     scores: tuple[Optional[float], Optional[float]] = (None, None)
 
 
@@ -97,6 +102,15 @@ class EvaluationChain(_Record):
     criteria: list[Criterion] = Field(default_factory=list)
     final_scores: tuple[float, float]
     raw: str
+    # The official contract's rationale, one string; the criteria above are read from it when
+    # it follows the criteria-and-weights / scoring-breakdown layout.
+    rationale: Optional[str] = None
+    # The criteria's weights as written, summed; not 100 means `weight` was normalised.
+    weights_sum: Optional[float] = None
+
+    @property
+    def weights_normalised(self) -> bool:
+        return self.weights_sum is not None and abs(self.weights_sum - 100.0) > 0.5
 
     @field_validator("final_scores")
     @classmethod
@@ -155,6 +169,13 @@ class CompareResult(_Record):
     c_self: float = 0.5
     c_nb: float = 0.5
     expected_scores: bool = False  # final scores read as digit expectations (Scorer option)
+    # How the chains were asked for (with seed and counts, what reproduces the result).
+    contract: Literal["structured", "official"] = "structured"
+    candidate_order: Literal["sample", "item"] = "sample"  # drawn per sample, or once per pair
+    history_order: Literal["original", "sampled"] = "original"
+    temperature: Optional[float] = None
+    max_tokens: Optional[int] = None
+    constrained: Optional[bool] = None
     neighbors: list[NeighborScore] = Field(default_factory=list)
     history_shown: int = 0
     context_policy: list[str] = Field(default_factory=list)  # what was cut to fit the window
@@ -188,6 +209,8 @@ class LLMInfo(_Loose):
     context_length: int
     has_chat_template: bool
     file_type: Optional[str] = None
+    # A chat template file in the bundle that replaces the GGUF file's own (Jinja text).
+    chat_template_file: Optional[str] = None
     n_params: Optional[int] = None
 
 

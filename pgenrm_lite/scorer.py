@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import protocol, scaling
+from . import contracts, protocol, scaling
 from .bundle import Bundle
 from .engine import Engine, Request, SamplingParams
 from .errors import ChainParseError, ConfigError, ContextOverflowError
@@ -26,7 +26,7 @@ from .records import (CompareResult, EvaluationChain, NeighborScore, Preference,
 # untrusted text (history, query, candidates) to these lengths, keeping head and tail.
 SHORTEN_STEPS = (4000, 2000, 1000, 500, 250)
 MAX_RESPONSES = 16  # score() compares all pairs: k(k-1)/2 pairs
-DEFAULT_MAX_TOKENS = 1280  # fits the default grammar's longest typical chain
+DEFAULT_MAX_TOKENS = contracts.CONTRACTS["structured"].max_tokens  # the structured grammar's longest chain
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,15 @@ class Scorer:
     """
 
     def __init__(self, engine: Engine, *, n_samples: int = 1, n_neighbors: int = 0, seed: int = 0,
-                 max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 1.0, top_p: float = 1.0,
-                 min_p: float = 0.0, constrained: bool = True,
+                 max_tokens: Optional[int] = None, temperature: float = 1.0, top_p: float = 1.0,
+                 min_p: float = 0.0, constrained: Optional[bool] = None,
                  history_pairs: int = protocol.DEFAULT_HISTORY_PAIRS, c_self: float = 0.5, c_nb: float = 0.5,
-                 analysis_chars: tuple[int, int] = protocol.DEFAULT_ANALYSIS_CHARS,
+                 analysis_chars: Optional[tuple[int, int]] = None, rationale_chars: Optional[int] = None,
                  max_criteria: int = protocol.DEFAULT_MAX_CRITERIA, expected_scores: bool = False,
+                 history_order: Optional[str] = None, candidate_order: Optional[str] = None,
                  template=None, prototypes=None, bundle: Bundle | None = None):
+        """Options left as None take the output contract's defaults (see `contracts.CONTRACTS`):
+        the template names its contract, structured (the default) or official."""
         if n_samples < 0 or n_neighbors < 0 or n_samples + n_neighbors == 0:
             raise ConfigError(f"n_samples={n_samples}, n_neighbors={n_neighbors}: both must be >= 0 "
                               "and at least one > 0")
@@ -76,23 +79,34 @@ class Scorer:
         self.bundle = bundle
         self.prototypes = prototypes
         self.template = protocol.resolve_template(template)
+        self.contract = contract = self.template.output_contract
         self.n_samples, self.n_neighbors, self.seed = n_samples, n_neighbors, seed
         self.history_pairs = history_pairs
         self.c_self, self.c_nb = c_self, c_nb
-        self.constrained = constrained
+        self.history_order = history_order or contract.history_order
+        self.candidate_order = candidate_order or contract.candidate_order
+        if self.history_order not in ("original", "sampled"):
+            raise ConfigError(f"history_order must be 'original' or 'sampled', got {self.history_order!r}")
+        if self.candidate_order not in ("sample", "item"):
+            raise ConfigError(f"candidate_order must be 'sample' (drawn per sample) or 'item' (once per pair, "
+                              f"as the official pipeline), got {self.candidate_order!r}")
+        self.constrained = contract.constrained if constrained is None else bool(constrained)
+        max_tokens = contract.max_tokens if max_tokens is None else max_tokens
+        analysis_chars = contract.analysis_chars if analysis_chars is None else tuple(analysis_chars)
         # Read each chain's final scores as expected values over the digits (see
         # protocol.expected_final_scores) instead of the sampled numbers.
         self.expected_scores = bool(expected_scores)
-        if constrained:
-            need = protocol.grammar_token_need(analysis_chars=analysis_chars, max_criteria=max_criteria)
+        grammar = None
+        if self.constrained:
+            grammar = contracts.grammar_for(contract, analysis_chars=analysis_chars, max_criteria=max_criteria,
+                                            rationale_chars=rationale_chars)
+            need = contracts.token_need(contract, analysis_chars=analysis_chars, max_criteria=max_criteria)
             if max_tokens < need:
                 raise ConfigError(f"max_tokens={max_tokens} is too small for the output grammar (analysis up to "
-                                  f"{analysis_chars[1]} characters, up to {max_criteria} criteria needs about "
+                                  f"{analysis_chars[1]} characters, up to {max_criteria} criteria needs about "  # type: ignore[index]
                                   f"{need} tokens); raise max_tokens or lower analysis_chars / max_criteria")
-        self.params = SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, min_p=min_p,
-            grammar=protocol.output_grammar(analysis_chars=analysis_chars, max_criteria=max_criteria)
-            if constrained else None, digit_probs=self.expected_scores)
+        self.params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, min_p=min_p,
+                                     grammar=grammar, digit_probs=self.expected_scores)
         self._lock = threading.Lock()
         self._personas: dict[str, str] = {}
 
@@ -101,18 +115,22 @@ class Scorer:
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, *, n_samples: int = 1, n_neighbors: int = 0,
                     device: str = "auto", seed: int = 0, n_ctx: int | None = None,
-                    n_threads: int | None = None, verify: str = "size", **options) -> "Scorer":
+                    n_threads: int | None = None, verify: str = "size",
+                    chat_template: str | os.PathLike | None = None, **options) -> "Scorer":
         """Open a bundle (verifying it first) and load its model, embedder and prototypes.
 
         Options not given here fall back to the bundle's recommended `defaults`, then to
-        the Scorer's own defaults.
+        the output contract's and the Scorer's own defaults. `chat_template` (Jinja text or
+        a path to a .jinja file) replaces the chat template of the bundle and of the GGUF file.
         """
         bundle = Bundle.open(path, verify=verify)  # type: ignore[arg-type]
         options = {**_known_defaults(bundle.manifest.defaults), **options}
-        options.setdefault("template", bundle.manifest.template)
-        max_tokens = options.get("max_tokens", DEFAULT_MAX_TOKENS)
+        options["template"] = protocol.resolve_template(options.get("template") or bundle.manifest.template)
+        max_tokens = options.get("max_tokens") or options["template"].output_contract.max_tokens
+        if chat_template is None:
+            chat_template = bundle.chat_template()
         engine = Engine(bundle.llm_path, n_ctx=n_ctx or _auto_n_ctx(n_samples + n_neighbors, max_tokens),
-                        n_threads=n_threads, device=device)
+                        n_threads=n_threads, device=device, chat_template=_template_text(chat_template))
         try:
             prototypes = None
             if n_neighbors > 0 and bundle.manifest.prototypes is not None:
@@ -139,16 +157,21 @@ class Scorer:
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, *, n_samples: int = 1, device: str = "auto", seed: int = 0,
-                  n_ctx: int | None = None, n_threads: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
-                  **options) -> "Scorer":
-        """A scorer on a bare GGUF file (no bundle, so no prototypes: n_neighbors stays 0)."""
+                  n_ctx: int | None = None, n_threads: int | None = None, max_tokens: int | None = None,
+                  chat_template: str | os.PathLike | None = None, **options) -> "Scorer":
+        """A scorer on a bare GGUF file (no bundle, so no prototypes: n_neighbors stays 0).
+
+        `chat_template` (Jinja text or a path to a .jinja file) replaces the file's own.
+        """
         path = Path(path)
         from .engine import model_file_ok
 
         if not model_file_ok(path):
             raise ConfigError(f"{path} is not a readable GGUF v2/v3 file")
+        options["template"] = protocol.resolve_template(options.get("template"))
+        max_tokens = max_tokens or options["template"].output_contract.max_tokens
         engine = Engine(path, n_ctx=n_ctx or _auto_n_ctx(n_samples, max_tokens), n_threads=n_threads,
-                        device=device)
+                        device=device, chat_template=_template_text(chat_template))
         try:
             return cls(engine, n_samples=n_samples, seed=seed, max_tokens=max_tokens, **options)
         except BaseException:
@@ -240,7 +263,7 @@ class Scorer:
                        pairs: list[tuple[int, int]], seed: int) -> list[CompareResult]:
         t0 = time.perf_counter()
         prepared: dict[tuple[str, tuple[int, int]], _Prepared] = {}
-        jobs = [_Job("self", user, pair, s, protocol.is_swapped(s))
+        jobs = [_Job("self", user, pair, s, self._swapped(s, seed, pair))
                 for pair in pairs
                 for s in (protocol.derive_seed(seed, "self", i, pair) for i in range(self.n_samples))]
         notes: list[str] = []
@@ -292,7 +315,7 @@ class Scorer:
         """Render both candidate orders for one history owner, fitting the context window."""
         budget = self.engine.n_ctx_seq - self.params.max_tokens
         chosen = protocol.select_history(owner.history, self.history_pairs,
-                                         protocol.derive_seed(seed, "history", owner.user_id))
+                                         protocol.derive_seed(seed, "history", owner.user_id), self.history_order)
         min_pairs = min(1, len(chosen))
         attempts = [(n, None) for n in range(len(chosen), min_pairs - 1, -1)]
         attempts += [(min_pairs, chars) for chars in SHORTEN_STEPS]
@@ -349,8 +372,14 @@ class Scorer:
         for w, (member, sim) in enumerate(neighbors):
             for pair in pairs:
                 s = protocol.derive_seed(seed, "neighbor", w, pair)
-                jobs.append(_Job("neighbor", member, pair, s, protocol.is_swapped(s), sim))
+                jobs.append(_Job("neighbor", member, pair, s, self._swapped(s, seed, pair), sim))
         return jobs
+
+    def _swapped(self, sample_seed: int, seed: int, pair: tuple[int, int]) -> bool:
+        """Whether Response 1 shows the pair's second candidate: drawn per sample, or once per item."""
+        if self.candidate_order == "item":
+            return protocol.is_swapped(protocol.derive_seed(seed, "item-order", pair))
+        return protocol.is_swapped(sample_seed)
 
     # -- results -----------------------------------------------------------------------
 
@@ -396,7 +425,9 @@ class Scorer:
             preferred=scaling.decide(score_a, score_b), score_a=score_a, score_b=score_b, chains=chains,
             samples=samples, n_parsed=n_parsed, n_failed=len(samples) - n_parsed, seed=seed,
             n_samples=self.n_samples, n_neighbors=self.n_neighbors, c_self=self.c_self, c_nb=self.c_nb,
-            expected_scores=self.expected_scores,
+            expected_scores=self.expected_scores, contract=self.contract.name,
+            candidate_order=self.candidate_order, history_order=self.history_order,  # type: ignore[arg-type]
+            temperature=self.params.temperature, max_tokens=self.params.max_tokens, constrained=self.constrained,
             neighbors=nb_records, history_shown=self_prep.history_shown if self_prep else 0,
             context_policy=policy, notes=list(notes) + (stats.notes if stats else []),
             timing=Timing(prompt_s=stats.prompt_s, decode_s=stats.decode_s, total_s=total,
@@ -419,8 +450,10 @@ def _add_stats(a, b):
 
 
 _TUNABLE = ("max_tokens", "temperature", "top_p", "min_p", "history_pairs", "c_self", "c_nb",
-            "analysis_chars", "max_criteria", "expected_scores")
-_INT_OPTIONS = ("max_tokens", "history_pairs", "max_criteria")
+            "analysis_chars", "rationale_chars", "max_criteria", "expected_scores", "constrained",
+            "history_order", "candidate_order")
+_INT_OPTIONS = ("max_tokens", "history_pairs", "max_criteria", "rationale_chars")
+_STR_OPTIONS = ("history_order", "candidate_order")
 
 
 def _known_defaults(defaults: dict) -> dict:
@@ -435,8 +468,10 @@ def _known_defaults(defaults: dict) -> dict:
 
     out = {k: v for k, v in defaults.items() if k in _TUNABLE}
     for k, v in out.items():
-        if k == "expected_scores":
+        if k in ("expected_scores", "constrained"):
             ok = isinstance(v, bool)
+        elif k in _STR_OPTIONS:
+            ok = isinstance(v, str)
         elif k == "analysis_chars":
             ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(is_int(x) for x in v)
         elif k in _INT_OPTIONS:
@@ -449,6 +484,20 @@ def _known_defaults(defaults: dict) -> dict:
     if "analysis_chars" in out:
         out["analysis_chars"] = tuple(out["analysis_chars"])
     return out
+
+
+def _template_text(chat_template: str | os.PathLike | None) -> str | None:
+    """A chat template given as Jinja text or as a path to a file holding it."""
+    if chat_template is None:
+        return None
+    if isinstance(chat_template, os.PathLike) or ("{" not in chat_template and len(chat_template) < 4096):
+        path = Path(chat_template)
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"chat_template={str(chat_template)!r} is neither Jinja template text nor a "
+                              f"readable UTF-8 file ({exc})") from exc
+    return chat_template
 
 
 def _auto_n_ctx(n_sequences: int, max_tokens: int) -> int:
