@@ -34,6 +34,7 @@ class _Prepared:
     """The prompts for one (history owner, candidate pair): both candidate orders."""
 
     tokens: dict[bool, tuple[int, ...]]  # swapped -> prompt tokens
+    messages: dict[bool, list[dict]]  # swapped -> the chat messages those tokens render
     history_shown: int
     policy: tuple[str, ...]
 
@@ -231,6 +232,17 @@ class Scorer:
                 counts[j] += 1
         return [s / c if c else math.nan for s, c in zip(sums, counts)]
 
+    def prompt(self, user: UserProfile, prompt: str, response_a: str, response_b: str, *,
+               seed: Optional[int] = None, swapped: bool = False) -> tuple[list[dict], list[int]]:
+        """The chat messages and prompt token ids of an own-history sample of `compare` (same seed:
+        same history pairs, same fitting to the context), with A shown first unless `swapped`."""
+        _check_user(user)
+        for name, text in (("prompt", prompt), ("response_a", response_a), ("response_b", response_b)):
+            _check_text(name, text)
+        with self._lock:
+            prep = self._prepare(user, prompt, response_a, response_b, self.seed if seed is None else seed)
+        return prep.messages[swapped], list(prep.tokens[swapped])
+
     def add_user(self, profile: UserProfile, persona_text: Optional[str] = None) -> int:
         """Add (or replace) a prototype member on this device; the bundle's index is updated atomically.
 
@@ -267,6 +279,9 @@ class Scorer:
                 for pair in pairs
                 for s in (protocol.derive_seed(seed, "self", i, pair) for i in range(self.n_samples))]
         notes: list[str] = []
+        if user.stated_preferences and "{{stated_preferences}}" not in self.template.system:
+            notes.append(f"the user's stated preferences were not shown: template {self.template.name!r} has no "
+                         "{{stated_preferences}} slot")
         neighbors: list[tuple[UserProfile, float]] = []
         persona_ready = self.n_neighbors > 0 and self._persona_known(user)
         if persona_ready:
@@ -321,12 +336,12 @@ class Scorer:
         attempts += [(min_pairs, chars) for chars in SHORTEN_STEPS]
         longest = 0
         for n_pairs, max_chars in attempts:
-            tokens = {}
+            tokens, messages = {}, {}
             for swapped in (False, True):
                 r1, r2 = (second, first) if swapped else (first, second)
-                msgs = protocol.render_messages(owner, prompt, r1, r2, template=self.template,
-                                                history=chosen[:n_pairs], max_field_chars=max_chars)
-                tokens[swapped] = self.engine.chat_tokens(msgs)
+                messages[swapped] = protocol.render_messages(owner, prompt, r1, r2, template=self.template,
+                                                             history=chosen[:n_pairs], max_field_chars=max_chars)
+                tokens[swapped] = self.engine.chat_tokens(messages[swapped])
             longest = max(len(t) for t in tokens.values())
             if longest <= budget:
                 policy = []
@@ -336,7 +351,7 @@ class Scorer:
                 if max_chars is not None:
                     policy.append(f"shortened texts longer than {max_chars} characters (marked "
                                   "'[...truncated N characters]')")
-                return _Prepared(tokens=tokens, history_shown=n_pairs, policy=tuple(policy))
+                return _Prepared(tokens=tokens, messages=messages, history_shown=n_pairs, policy=tuple(policy))
         raise ContextOverflowError(
             f"even with {min_pairs} history pair(s) and every text shortened to {SHORTEN_STEPS[-1]} "
             f"characters the prompt takes {longest} tokens, and with max_tokens={self.params.max_tokens} "

@@ -85,3 +85,34 @@ def tiny_gguf(tmp_path_factory) -> Path:
     from tiny_models import build_tiny_gguf
 
     return build_tiny_gguf(tmp_path_factory.mktemp("tiny_gguf"), "llama", "f32")
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer():
+    """name -> folder with a real tokenizer.json + tokenizer_config.json (scripts/fetch_tokenizers.sh)."""
+    from tiny_models import real_tokenizer_dir
+
+    def get(name: str) -> Path:
+        path = real_tokenizer_dir(name)
+        require((path / "tokenizer.json").is_file() and (path / "tokenizer_config.json").is_file(),
+                f"real tokenizer {name} not at {path}: run `bash scripts/fetch_tokenizers.sh` "
+                "(bash scripts/setup.sh --dev does)")
+        return path
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def real_gguf(tmp_path_factory, real_tokenizer):
+    """name -> a tiny random checkpoint of the real architecture around a real tokenizer, as f32 GGUF
+    (and its Hugging Face folder beside it), built once per session."""
+    from tiny_models import build_real_tokenizer_gguf
+
+    root = tmp_path_factory.mktemp("real_gguf")
+
+    def get(name: str) -> Path:
+        _require_export_deps()
+        real_tokenizer(name)
+        return build_real_tokenizer_gguf(root, name)
+
+    return get
