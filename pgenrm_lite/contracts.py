@@ -64,8 +64,7 @@ def get_contract(name: str) -> Contract:
 DEFAULT_MAX_CRITERIA = 5
 # A criterion name is a short phrase of words: letters, digits, spaces and ordinary
 # punctuation. The grammar below and this pattern say the same thing.
-NAME_WORD = r"[A-Za-z][A-Za-z0-9'\-]{0,13}"
-NAME_PATTERN = rf"{NAME_WORD}(?:(?: |, | & | / ){NAME_WORD}){{0,3}}"
+NAME_PATTERN = r"[A-Za-z][A-Za-z0-9'\-]{0,13}(?:(?: |, | & | / )[A-Za-z0-9][A-Za-z0-9'\-]{0,13}){0,3}"
 
 
 def structured_token_need(analysis_chars: tuple[int, int], max_criteria: int) -> int:
@@ -96,8 +95,8 @@ def structured_grammar(analysis_chars: tuple[int, int], max_criteria: int) -> st
         + ' ws "\\"response_2\\": " final ws "}" ws "}"',
         'criterion ::= "{\\"name\\": \\"" name "\\", \\"weight\\": " weight ", \\"response_1\\": " score'
         + ' ", \\"response_2\\": " score "}"',
-        "name ::= word (sep word){0,3}",
-        "word ::= [A-Za-z] [A-Za-z0-9'\\-]{0,13}",
+        "name ::= [A-Za-z] wordrest (sep [A-Za-z0-9] wordrest){0,3}",
+        "wordrest ::= [A-Za-z0-9'\\-]{0,13}",
         'sep ::= " " | ", " | " & " | " / "',
         'weight ::= "100" | [1-9] [0-9]?',
         'score ::= "10" | [1-9] ("." [0-9])?',

@@ -328,7 +328,7 @@ def _normalised(criteria: list[Criterion]) -> tuple[list[Criterion], float | Non
 
 # The official rationale in prose: "A. Evaluation Criteria & Weights" naming each criterion
 # with a percentage, then "B. Scoring Breakdown" per response, then the final computation.
-_BULLET = r"(?:^|\n)[ \t]*(?:[-*\u2022]|\d{1,2}[.)]|[A-Za-z][.)])?[ \t]*"
+_BULLET = r"(?:^|\n|[,;][ \t]*)[ \t]*(?:[-*\u2022]|\d{1,2}[.)]|[A-Za-z][.)])?[ \t]*"
 _CRITERION_WEIGHT = re.compile(
     _BULLET + r"\**(?P<name>[A-Za-z][A-Za-z0-9 &/,'\-]{0,60}?)\**[ \t]*"
     r"(?:\(\s*(?:weight\s*[:=]?\s*)?(?P<w1>\d{1,3}(?:\.\d+)?)\s*%\s*\)"
