@@ -118,7 +118,10 @@ def cmd_demo(args) -> int:
                   f"{'B was shown first' if sample.swapped else 'A was shown first'}):\n")
         for c in chain.criteria:
             s1, s2 = c.scores
-            out.write(f"  {c.weight:5.1f}%  {c.name[:40]:40s}  {s1}  {s2}\n")
+            written = f"  (written {c.raw_weight:g}%)" if chain.weights_normalised and c.raw_weight is not None else ""
+            out.write(f"  {c.weight:5.1f}%  {c.name[:40]:40s}  {s1}  {s2}{written}\n")
+        if chain.weights_normalised:
+            out.write(f"  (the weights as written sum to {chain.weights_sum:g}%, not 100%: shown normalised)\n")
     if res.neighbors:
         out.write("\nNeighbours used: " + ", ".join(f"{n.user_id} ({n.similarity:.2f})" for n in res.neighbors) + "\n")
     return 0
@@ -304,22 +307,54 @@ def cmd_doctor(args) -> int:
         except importlib.metadata.PackageNotFoundError:
             return None
 
+    from . import diagnostics
+
+    system_info = diagnostics.system_info()
+    features = diagnostics.build_features(system_info)
+    cpu = diagnostics.cpu_flags()
+    bundle = _bundle_path(args)
     info = {
         "pgenrm_lite": __version__,
         "python": sys.version.split()[0],
         "packages": {d: version(d) for d in ("llama-cpp-python", "onnxruntime", "tokenizers", "numpy", "hnswlib",
                                              "pydantic", "orjson")},
-        "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
+        "llama_cpp_system_info": system_info,
+        "llama_cpp_build": {"features": features, "setup_flags": diagnostics.build_flags(),
+                            "cpu_advertises_amx": "amx_tile" in cpu,
+                            "amx_kernels_built": any(v for k, v in features.items() if k.startswith("AMX"))},
         "llama_cpp_gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
         "onnxruntime_providers": onnxruntime.get_available_providers(),
         "default_bundle": str(default_bundle_dir()),
         "default_bundle_present": (default_bundle_dir() / "manifest.json").is_file(),
+        "bundle": str(bundle),
     }
+    if args.no_decode_check:
+        info["decode_check"] = {"ok": None, "message": "skipped (--no-decode-check)"}
+    elif (bundle / "manifest.json").is_file():
+        from .bundle import read_manifest
+
+        info["decode_check"] = diagnostics.decode_check(bundle / read_manifest(bundle).llm.file,
+                                                        n_threads=args.threads)
+    else:
+        info["decode_check"] = {"ok": None, "message": f"no bundle at {bundle} to test; build one with "
+                                                        "`python -m export default-bundle`"}
     info["hints"] = _hints(info["llama_cpp_system_info"])
+    if info["decode_check"].get("ok") is False:
+        info["hints"].insert(0, info["decode_check"]["message"])
     if args.json:
         _emit_json(info)
-        return 0
+        return 0 if info["decode_check"].get("ok") is not False else 1
     for key, value in info.items():
+        if key == "llama_cpp_build":
+            on = [k for k, v in value["features"].items() if v]
+            print(f"llama_cpp_build: {' '.join(on) or 'no CPU features reported'}; AMX kernels "
+                  f"{'built' if value['amx_kernels_built'] else 'not built'} (CPU "
+                  f"{'advertises' if value['cpu_advertises_amx'] else 'does not advertise'} AMX)")
+            continue
+        if key == "decode_check":
+            print(f"decode_check: {'ok' if value.get('ok') else 'FAILED' if value.get('ok') is False else 'not run'}"
+                  f": {value['message']}")
+            continue
         if isinstance(value, dict):
             print(f"{key}:")
             for k, v in value.items():
@@ -330,7 +365,7 @@ def cmd_doctor(args) -> int:
                 print(f"  - {line}")
         else:
             print(f"{key}: {value}")
-    return 0
+    return 0 if info["decode_check"].get("ok") is not False else 1
 
 
 def _hints(system_info: str) -> list[str]:
@@ -431,8 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("doctor", help="versions, CPU features, GPU offload, ONNX providers")
+    p = sub.add_parser("doctor", help="versions, llama.cpp build features, GPU offload, a one-token decode check")
     _common(p, model=False)
+    p.add_argument("--bundle", help="bundle whose model the decode check loads (default: the default bundle)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the decode check")
+    p.add_argument("--no-decode-check", action="store_true", help="skip the one-token decode in a child process")
     p.set_defaults(func=cmd_doctor)
     return parser
 

@@ -110,7 +110,7 @@ class Engine:
         gpu_ok = bool(llama_cpp.llama_supports_gpu_offload())
         if device == "gpu" and not gpu_ok:
             raise ConfigError("device='gpu' was requested but this llama-cpp-python build has no GPU "
-                              "offload; reinstall it with CMAKE_ARGS='-DGGML_CUDA=on' (or Metal/Vulkan), "
+                              "offload; rebuild it with `bash scripts/setup.sh --cuda` (or CMAKE_ARGS for Metal/Vulkan), "
                               "or use device='cpu' / 'auto'")
         self.device = "gpu" if (device in ("gpu", "auto") and gpu_ok) else "cpu"
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)

@@ -116,3 +116,12 @@ def real_gguf(tmp_path_factory, real_tokenizer):
         return build_real_tokenizer_gguf(root, name)
 
     return get
+
+
+@pytest.fixture(scope="session")
+def default_bundle(tmp_path_factory, smollm2_gguf, minilm_dir) -> Path:
+    """The embedded default bundle (SmolLM2 + MiniLM + example users), built once per session."""
+    _require_export_deps()
+    from export.default_bundle import build_default_bundle
+
+    return build_default_bundle(tmp_path_factory.mktemp("default_bundle") / "bundle")

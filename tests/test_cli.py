@@ -1,4 +1,4 @@
-"""The CLI's machine checks (`doctor`)."""
+"""The CLI's machine checks (`doctor`): versions, the llama.cpp build, a one-token decode in a child."""
 
 from __future__ import annotations
 
@@ -19,3 +19,46 @@ def test_doctor_reports_versions_and_the_openmp_hint(monkeypatch, capsys):
     assert not any("OMP_WAIT_POLICY" in h for h in json.loads(capsys.readouterr().out)["hints"])
     assert main(["doctor"]) == 0
     assert "hints: none" in capsys.readouterr().out
+
+
+def test_doctor_reports_the_build_and_a_child_decode(tiny_gguf, tmp_path, capsys):
+    from export.bundle_build import build_bundle
+
+    bundle = build_bundle(tiny_gguf, tmp_path / "b")
+    assert main(["doctor", "--json", "--bundle", str(bundle), "--threads", "1"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    build = info["llama_cpp_build"]
+    assert build["features"] and all(isinstance(v, bool) for v in build["features"].values())
+    assert build["features"].get("AVX2") is ("AVX2 = 1" in info["llama_cpp_system_info"])
+    # scripts/setup.sh keeps AMX kernels out unless asked: a CPU that advertises AMX gets none
+    assert not build["amx_kernels_built"] or "--amx" in (build["setup_flags"] or "")
+    check = info["decode_check"]
+    assert check["ok"] is True and check["returncode"] == 0 and check["message"] == "a one-token decode ran"
+    assert main(["doctor", "--bundle", str(tmp_path / "absent"), "--no-decode-check"]) == 0
+    assert "decode_check: not run" in capsys.readouterr().out
+
+
+def test_a_child_killed_by_sigill_is_reported_in_one_line_with_the_fix():
+    import sys
+
+    from pgenrm_lite import diagnostics
+
+    report = diagnostics.run_child([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"])
+    assert report["ok"] is False and report["signal"] == "SIGILL" and report["returncode"] < 0
+    assert "setup.sh" in report["message"] and "\n" not in report["message"]
+    failed = diagnostics.run_child([sys.executable, "-c", "import sys; sys.exit('no model here')"])
+    assert failed["ok"] is False and "no model here" in failed["message"]
+
+
+def test_doctor_exits_non_zero_when_the_decode_check_crashes(tiny_gguf, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from export.bundle_build import build_bundle
+    from pgenrm_lite import diagnostics
+
+    bundle = build_bundle(tiny_gguf, tmp_path / "b")
+    crash = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]
+    monkeypatch.setattr(diagnostics, "decode_check", lambda model, **kw: diagnostics.run_child(crash))
+    assert main(["doctor", "--bundle", str(bundle)]) == 1
+    out = capsys.readouterr().out
+    assert "decode_check: FAILED: a one-token decode killed the process with SIGILL" in out
