@@ -265,7 +265,7 @@ def cmd_info(args) -> int:
         return 0
     print(f"bundle {bundle.root} (schema {m.schema_version}, by {m.created_by})")
     print(f"  model: {m.llm.file} ({m.llm.architecture}, context {m.llm.context_length}, "
-          f"chat template {'yes' if m.llm.has_chat_template else 'no'})")
+          f"chat template {m.llm.chat_template_file or ('from the GGUF' if m.llm.has_chat_template else 'none')})")
     if m.embedder:
         e = m.embedder
         print(f"  embedder: {e.dir}/{e.model_file} (dim {e.dimension}, {e.pooling} pooling, "
@@ -274,7 +274,7 @@ def cmd_info(args) -> int:
         p = m.prototypes
         print(f"  prototypes: {p.count} over {p.n_members} members (persona from {p.persona_source}, "
               f"members carry {p.members_carry}, ef {p.ef})")
-    print(f"  template: {m.template.get('name', 'custom')}")
+    print(f"  template: {m.template.get('name', 'custom')} (output contract {m.template.get('contract', 'structured')})")
     if m.defaults:
         print("  recommended options: " + ", ".join(f"{k}={v}" for k, v in m.defaults.items()))
     print("  files:")
@@ -485,6 +485,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("pgenrm-lite: interrupted", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and keep Python from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
 

@@ -48,6 +48,21 @@ if [ "$cuda" = 1 ]; then
   command -v nvcc >/dev/null || { echo "setup.sh --cuda: nvcc is not on PATH" >&2; exit 2; }
   cuda_archs="${PGENRM_CUDA_ARCHS:-75-virtual;86-real;89-real;120-real}"
   cmake_args="$cmake_args -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$cuda_archs"
+  cuda_home="${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}"
+  [ -d "$cuda_home/cuda" ] && cuda_home="$cuda_home/cuda"   # /usr/local/bin/nvcc wrapping /usr/local/cuda
+  if ! ls "$cuda_home"/lib*/libcublas.so* >/dev/null 2>&1; then
+    # A toolkit without cuBLAS (e.g. assembled from PyPI's nvidia-* packages): take cuBLAS for
+    # nvcc's CUDA major from PyPI into the venv, build against it, and let llama.cpp find it.
+    major=$(nvcc --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p')
+    "${pip[@]}" install -q "nvidia-cublas==$major.0.*"
+    cublas=$(.venv/bin/python -c "import nvidia, os; print(os.path.join(nvidia.__path__[0], 'cu$major'))")
+    cmake_args="$cmake_args -DCUDA_cublas_LIBRARY=$cublas/lib/libcublas.so.$major"
+    cmake_args="$cmake_args -DCUDA_cublasLt_LIBRARY=$cublas/lib/libcublasLt.so.$major"
+    cmake_args="$cmake_args -DCMAKE_CUDA_FLAGS=-I$cublas/include"
+  fi
+  # No driver library to link against (a build machine without a GPU): skip the one
+  # feature that links it (virtual memory pools); the runtime loads the driver itself.
+  ldconfig -p 2>/dev/null | grep -q 'libcuda\.so ' || cmake_args="$cmake_args -DGGML_CUDA_NO_VMM=ON"
 fi
 cflags="${cflags# }"
 # A native build is only valid on CPUs with the same features: they are part of the key.
@@ -90,6 +105,10 @@ except Exception:
     print("")' 2>/dev/null || true)
 if [ "$installed" != "file://$wheel" ]; then
   "${pip[@]}" install -q --no-deps --force-reinstall "$wheel"
+fi
+if [ -n "${cublas:-}" ]; then  # beside llama.cpp's libraries, whose RUNPATH is their own folder
+  lib=$(.venv/bin/python -c "import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec('llama_cpp').origin), 'lib'))")
+  ln -sf "$cublas"/lib/libcublas*.so.* "$lib"/
 fi
 printf '%s\n' "$identity" > .venv/llama-build-flags.txt
 
