@@ -22,7 +22,7 @@ import llama_cpp
 import numpy as np
 
 from .chat import ChatFormatter
-from .errors import ConfigError, ContextOverflowError, EngineError
+from .errors import ClosedError, ConfigError, ContextOverflowError, EngineError
 
 logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
@@ -218,7 +218,13 @@ class Engine:
 
     # -- tokens ----------------------------------------------------------------------
 
+    def _require_open(self) -> None:
+        # llama.cpp aborts the process on a freed model or context; refuse first.
+        if not getattr(self, "_ctx", None) or not getattr(self, "_model", None):
+            raise ClosedError("this engine was closed; load the model again")
+
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = False) -> list[int]:
+        self._require_open()
         data = text.encode("utf-8")
         cap = len(data) + 16
         buf = (llama_cpp.llama_token * cap)()
@@ -248,6 +254,7 @@ class Engine:
         return self.token_bytes(token, special=True).decode("utf-8", "replace")
 
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        self._require_open()
         n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
@@ -270,6 +277,7 @@ class Engine:
         Samples are decoded together; if they do not all fit the context (or n_seq_max),
         they run in groups, and `stats.n_groups` says how many.
         """
+        self._require_open()
         if params.max_tokens < 1:
             raise ConfigError("max_tokens must be at least 1")
         if params.temperature < 0:
@@ -552,6 +560,7 @@ class Engine:
 
     def grammar_accepts(self, grammar: str, text: str) -> bool:
         """Whether `grammar` lets this model write `text` (as this vocabulary tokenizes it) and then stop."""
+        self._require_open()
         g = self._make_grammar(SamplingParams(grammar=grammar))
         try:
             for token in self.tokenize(text) + [llama_cpp.llama_vocab_eos(self._vocab)]:

@@ -58,6 +58,10 @@ class EngineError(PgenrmError, RuntimeError):
     """llama.cpp could not load the model or evaluate a batch."""
 
 
+class ClosedError(EngineError):
+    """A call on a Scorer or engine after `close()`; open a new one."""
+
+
 class EmbedderError(PgenrmError, RuntimeError):
     """The ONNX sentence embedder could not be loaded or run."""
 

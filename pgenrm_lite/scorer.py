@@ -7,6 +7,7 @@ scaling module averages. One Scorer may be shared by threads; calls are serialis
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -18,7 +19,7 @@ from typing import Optional, Sequence
 from . import contracts, protocol, scaling
 from .bundle import Bundle
 from .engine import Engine, Request, SamplingParams
-from .errors import ChainParseError, ConfigError, ContextOverflowError
+from .errors import ChainParseError, ClosedError, ConfigError, ContextOverflowError
 from .records import (CompareResult, EvaluationChain, NeighborScore, Preference, Sample, Timing,
                       UserProfile)
 
@@ -109,6 +110,7 @@ class Scorer:
         self.params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, min_p=min_p,
                                      grammar=grammar, digit_probs=self.expected_scores)
         self._lock = threading.Lock()
+        self._closed = False
         self._personas: dict[str, str] = {}
 
     # -- construction ------------------------------------------------------------------
@@ -180,10 +182,22 @@ class Scorer:
             raise
 
     def close(self) -> None:
+        """Free the model and the index; waits for a call in progress. Closing twice is harmless."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             self.engine.close()
             if self.prototypes is not None:
                 self.prototypes.close()
+
+    @contextlib.contextmanager
+    def _open_call(self):
+        """The model lock, for a call on a scorer that must still be open."""
+        with self._lock:
+            if self._closed:
+                raise ClosedError("this Scorer was closed; open a new one (Scorer.from_bundle / Scorer.default)")
+            yield
 
     def __enter__(self) -> "Scorer":
         return self
@@ -199,7 +213,7 @@ class Scorer:
         _check_user(user)
         for name, text in (("prompt", prompt), ("response_a", response_a), ("response_b", response_b)):
             _check_text(name, text)
-        with self._lock:
+        with self._open_call():
             return self._compare_pairs(user, prompt, [response_a, response_b], [(0, 1)],
                                        self.seed if seed is None else seed)[0]
 
@@ -220,7 +234,7 @@ class Scorer:
         for i, r in enumerate(responses):
             _check_text(f"responses[{i}]", r)
         pairs = [(i, j) for i in range(len(responses)) for j in range(i + 1, len(responses))]
-        with self._lock:
+        with self._open_call():
             results = self._compare_pairs(user, prompt, responses, pairs, self.seed if seed is None else seed)
         sums = [0.0] * len(responses)
         counts = [0] * len(responses)
@@ -239,7 +253,7 @@ class Scorer:
         _check_user(user)
         for name, text in (("prompt", prompt), ("response_a", response_a), ("response_b", response_b)):
             _check_text(name, text)
-        with self._lock:
+        with self._open_call():
             prep = self._prepare(user, prompt, response_a, response_b, self.seed if seed is None else seed)
         return prep.messages[swapped], list(prep.tokens[swapped])
 
@@ -250,7 +264,7 @@ class Scorer:
         built from history text) the history text itself. Returns the member's prototype.
         """
         _check_user(profile)
-        with self._lock:
+        with self._open_call():
             if self.prototypes is None and self.bundle is not None and self.bundle.manifest.prototypes:
                 from .prototypes import PrototypeIndex
 
@@ -266,7 +280,7 @@ class Scorer:
                 raise ConfigError("this prototype index was built from LLM persona analyses; pass persona_text "
                                   "(e.g. the `analysis` of one of this user's chains)")
             persona_text = protocol.persona_from_history(profile)
-        with self._lock:
+        with self._open_call():
             return self.prototypes.add_user(profile, persona_text)
 
     # -- internals ---------------------------------------------------------------------
