@@ -66,6 +66,9 @@ class Bundle:
     @classmethod
     def open(cls, root: str | os.PathLike, *, verify: Verify = "size") -> "Bundle":
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise BundleError(f"{root} is a file, not a bundle directory; pass the directory that holds "
+                              "manifest.json")
         if not root.is_dir():
             raise BundleError(f"bundle directory {root} does not exist; build one with "
                               "`python -m export bundle` or `python -m export default-bundle`")

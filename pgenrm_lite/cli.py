@@ -26,17 +26,35 @@ def _emit_json(obj: Any) -> None:
     sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode() + "\n")
 
 
+_stdin_taken = False  # "-" may stand for one argument per invocation
+
+
 def read_text_arg(value: str) -> str:
-    """A text argument: literal, `@FILE` for a file's contents, or `-` for standard input."""
+    """A text argument: literal, `@FILE` for a file's contents, or `-` for standard input.
+
+    Files and standard input are read up to the text limit (MAX_TEXT_CHARS characters) and
+    must be UTF-8.
+    """
+    global _stdin_taken
+    from ._io import decode_utf8, read_bytes, read_stream
+    from .records import MAX_TEXT_CHARS
+
     if value == "-":
-        return sys.stdin.read()
-    if value.startswith("@"):
+        if _stdin_taken:
+            raise ConfigError("standard input ('-') can stand for one argument only; pass the others as text "
+                              "or @FILE")
+        _stdin_taken = True
+        text = decode_utf8(read_stream(sys.stdin.buffer, 4 * MAX_TEXT_CHARS, "standard input"), "standard input")
+        what = "standard input"
+    elif value.startswith("@"):
         path = Path(value[1:])
-        try:
-            return path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    return value
+        text = decode_utf8(read_bytes(path, 4 * MAX_TEXT_CHARS, "file"), f"file {path}")
+        what = f"file {path}"
+    else:
+        return value
+    if len(text) > MAX_TEXT_CHARS:
+        raise ConfigError(f"{what} has {len(text):,} characters; the limit is {MAX_TEXT_CHARS:,}")
+    return text
 
 
 def _bundle_path(args) -> Path:
@@ -73,14 +91,14 @@ def _open_scorer(args, **overrides):
                               device=args.device, n_threads=args.threads, **options)
 
 
+MAX_USER_FILE_BYTES = 256 << 20
+
+
 def _load_user(path: str):
+    from ._io import read_bytes
     from .records import UserProfile
 
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read user profile {path}: {exc.strerror}") from exc
-    return UserProfile.from_json(data)
+    return UserProfile.from_json(read_bytes(Path(path), MAX_USER_FILE_BYTES, "user profile"))
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -129,8 +147,9 @@ def cmd_demo(args) -> int:
 
 def cmd_compare(args) -> int:
     user = _load_user(args.user)
+    prompt, a, b = read_text_arg(args.prompt), read_text_arg(args.a), read_text_arg(args.b)
     with _open_scorer(args) as scorer:
-        res = scorer.compare(user, read_text_arg(args.prompt), read_text_arg(args.a), read_text_arg(args.b))
+        res = scorer.compare(user, prompt, a, b)
     if args.json:
         _emit_json(res.model_dump(mode="json"))
     else:
@@ -142,9 +161,10 @@ def cmd_compare(args) -> int:
 
 def cmd_score(args) -> int:
     user = _load_user(args.user)
+    prompt = read_text_arg(args.prompt)
     responses = [read_text_arg(r) for r in args.response]
     with _open_scorer(args) as scorer:
-        scores = scorer.score(user, read_text_arg(args.prompt), responses)
+        scores = scorer.score(user, prompt, responses)
     if args.json:
         _emit_json({"scores": scores, "seed": args.seed, "n_samples": args.n_samples,
                     "n_neighbors": args.n_neighbors})
@@ -381,6 +401,28 @@ def _hints(system_info: str) -> list[str]:
 
 # -- parser ---------------------------------------------------------------------------------
 
+def _seed(text: str) -> int:
+    from .scorer import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text} is outside 0..2**64-1 (what a result can record)")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
 def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     if not model:
@@ -388,7 +430,7 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     p.add_argument("--bundle", help="bundle directory (default: the embedded default bundle)")
     p.add_argument("--n-samples", type=int, default=1, help="individual-level chains (m), default 1")
     p.add_argument("--n-neighbors", type=int, default=0, help="prototype-level chains (n), default 0")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="0 to 2**64-1 (default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per chain (default: the bundle's)")
@@ -435,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profiles", type=Path, default=None,
                    help="rewardbench: UserProfile records (JSON list or JSON Lines); rows whose user is not "
                         "there use the non-personalised judge")
-    p.add_argument("--limit", type=int, default=None, help="judge at most N test pairs (round-robin over users)")
+    p.add_argument("--limit", type=_positive, default=None,
+                   help="judge at most N >= 1 test pairs (round-robin over users)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the history/test split (hh)")
     p.add_argument("--turns", choices=("first", "all"), default=None,
                    help="multi-turn contexts: the first turn only, or every turn labelled (default: the "
@@ -476,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global _stdin_taken
+    _stdin_taken = False
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on a usage error
     try:

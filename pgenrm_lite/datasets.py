@@ -16,6 +16,7 @@ from typing import Any, Iterable, Iterator, Literal
 
 import orjson
 
+from ._io import open_nonblocking_writer
 from .errors import DataFormatError, RecordError
 from .protocol import derive_seed
 from .records import MAX_TEXT_CHARS, MAX_USER_ID_CHARS, Preference, UserProfile
@@ -38,15 +39,32 @@ class Row:
         return Preference(prompt=self.prompt, chosen=self.chosen, rejected=self.rejected)
 
 
+MAX_LINE_BYTES = 16 << 20  # one JSON Lines row: far above what MAX_TEXT_CHARS fields need
+MAX_JSON_FILE_BYTES = 256 << 20  # a .json file (one list or object) is read whole
+
+
 def _open_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    opener = gzip.open if path.suffix == ".gz" else open
+    """Non-empty lines, each at most MAX_LINE_BYTES; a FIFO with no writer reads as empty."""
     try:
-        with opener(path, "rb") as fh:
-            for i, line in enumerate(fh, 1):
-                if line.strip():
-                    yield i, line
+        raw = open_nonblocking_writer(path)
     except FileNotFoundError as exc:
         raise DataFormatError("file does not exist", path=str(path)) from exc
+    except OSError as exc:
+        raise DataFormatError(f"cannot be opened ({exc.strerror})", path=str(path)) from exc
+    try:
+        with raw, (gzip.GzipFile(fileobj=raw, mode="rb") if path.suffix == ".gz" else raw) as fh:
+            lineno, total = 0, 0
+            while True:
+                line = fh.readline(MAX_LINE_BYTES + 1)
+                if not line:
+                    return
+                lineno += 1
+                total += len(line)
+                if len(line) > MAX_LINE_BYTES:
+                    raise DataFormatError(f"line is longer than {MAX_LINE_BYTES:,} bytes (is this a JSON Lines "
+                                          "file?)", path=str(path), line=lineno)
+                if line.strip():
+                    yield lineno, line
     except (OSError, EOFError, zlib.error) as exc:  # e.g. a truncated, corrupted or non-gzip .gz file
         raise DataFormatError(f"cannot be read ({exc})", path=str(path)) from exc
 
@@ -55,7 +73,13 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, JSON value) pairs from JSON Lines, or from a JSON file holding a list/object."""
     name = path.name.removesuffix(".gz")
     if name.endswith(".json"):
-        lines = list(_open_lines(path))
+        lines, size = [], 0
+        for item in _open_lines(path):
+            size += len(item[1])
+            if size > MAX_JSON_FILE_BYTES:
+                raise DataFormatError(f"larger than {MAX_JSON_FILE_BYTES:,} bytes; use JSON Lines (.jsonl) for "
+                                      "large files", path=str(path))
+            lines.append(item)
         try:
             data = orjson.loads(b"".join(line for _, line in lines))
         except orjson.JSONDecodeError as exc:

@@ -41,13 +41,25 @@ class _Record(BaseModel):
 
     @classmethod
     def validate_obj(cls, obj: Any):
+        if not isinstance(obj, (dict, cls)):
+            raise RecordError(f"{cls.__name__}: expected a JSON object, got {_json_type(obj)}")
         try:
             return cls.model_validate(obj)
         except ValidationError as exc:
+            # Validation runs our __init__, which already raised a RecordError: pass it on unwrapped.
+            inner = [e.get("ctx", {}).get("error") for e in exc.errors()]
+            if len(inner) == 1 and isinstance(inner[0], RecordError):
+                raise inner[0] from None
             raise RecordError(f"{cls.__name__}: {_describe(exc)}") from exc
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json"))
+
+
+def _json_type(obj: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number",
+             type(None): "null"}
+    return names.get(type(obj), f"a {type(obj).__name__}")
 
 
 def _describe(exc: ValidationError) -> str:

@@ -68,9 +68,8 @@ class Scorer:
                  template=None, prototypes=None, bundle: Bundle | None = None):
         """Options left as None take the output contract's defaults (see `contracts.CONTRACTS`):
         the template names its contract, structured (the default) or official."""
-        if n_samples < 0 or n_neighbors < 0 or n_samples + n_neighbors == 0:
-            raise ConfigError(f"n_samples={n_samples}, n_neighbors={n_neighbors}: both must be >= 0 "
-                              "and at least one > 0")
+        _check_counts(n_samples, n_neighbors)
+        seed = check_seed(seed)
         if n_neighbors > 0 and prototypes is None:
             raise ConfigError("n_neighbors > 0 needs a prototype index, and this bundle has none; build "
                               "one with `python -m export prototypes --bundle DIR ...` or set n_neighbors=0")
@@ -126,6 +125,8 @@ class Scorer:
         the output contract's and the Scorer's own defaults. `chat_template` (Jinja text or
         a path to a .jinja file) replaces the chat template of the bundle and of the GGUF file.
         """
+        _check_counts(n_samples, n_neighbors)
+        check_seed(seed)
         bundle = Bundle.open(path, verify=verify)  # type: ignore[arg-type]
         options = {**_known_defaults(bundle.manifest.defaults), **options}
         options["template"] = protocol.resolve_template(options.get("template") or bundle.manifest.template)
@@ -166,6 +167,8 @@ class Scorer:
 
         `chat_template` (Jinja text or a path to a .jinja file) replaces the file's own.
         """
+        _check_counts(n_samples, 0)
+        check_seed(seed)
         path = Path(path)
         from .engine import model_file_ok
 
@@ -213,9 +216,9 @@ class Scorer:
         _check_user(user)
         for name, text in (("prompt", prompt), ("response_a", response_a), ("response_b", response_b)):
             _check_text(name, text)
+        seed = self.seed if seed is None else check_seed(seed)
         with self._open_call():
-            return self._compare_pairs(user, prompt, [response_a, response_b], [(0, 1)],
-                                       self.seed if seed is None else seed)[0]
+            return self._compare_pairs(user, prompt, [response_a, response_b], [(0, 1)], seed)[0]
 
     def score(self, user: UserProfile, prompt: str, responses: Sequence[str], *,
               seed: Optional[int] = None) -> list[float]:
@@ -227,6 +230,10 @@ class Scorer:
         """
         _check_user(user)
         _check_text("prompt", prompt)
+        if isinstance(responses, (str, bytes)) or not isinstance(responses, (list, tuple)):
+            raise ConfigError(f"responses must be a list of strings, got {type(responses).__name__}"
+                              + ("; wrap a single text in a list" if isinstance(responses, str) else ""))
+        seed = self.seed if seed is None else check_seed(seed)
         responses = list(responses)
         if not 2 <= len(responses) <= MAX_RESPONSES:
             raise ConfigError(f"score() takes 2 to {MAX_RESPONSES} responses, got {len(responses)}; "
@@ -235,7 +242,7 @@ class Scorer:
             _check_text(f"responses[{i}]", r)
         pairs = [(i, j) for i in range(len(responses)) for j in range(i + 1, len(responses))]
         with self._open_call():
-            results = self._compare_pairs(user, prompt, responses, pairs, self.seed if seed is None else seed)
+            results = self._compare_pairs(user, prompt, responses, pairs, seed)
         sums = [0.0] * len(responses)
         counts = [0] * len(responses)
         for (i, j), res in zip(pairs, results):
@@ -253,8 +260,9 @@ class Scorer:
         _check_user(user)
         for name, text in (("prompt", prompt), ("response_a", response_a), ("response_b", response_b)):
             _check_text(name, text)
+        seed = self.seed if seed is None else check_seed(seed)
         with self._open_call():
-            prep = self._prepare(user, prompt, response_a, response_b, self.seed if seed is None else seed)
+            prep = self._prepare(user, prompt, response_a, response_b, seed)
         return prep.messages[swapped], list(prep.tokens[swapped])
 
     def add_user(self, profile: UserProfile, persona_text: Optional[str] = None) -> int:
@@ -533,6 +541,25 @@ def _auto_n_ctx(n_sequences: int, max_tokens: int) -> int:
     """Room for a long prompt plus every sample's budget, rounded up to 256, capped at 32k."""
     need = 4096 + max(1, n_sequences) * max_tokens
     return min(32768, (need + 255) // 256 * 256)
+
+
+MAX_SEED = 2 ** 64 - 1  # what a result (JSON, u64) can record
+
+
+def check_seed(seed: object) -> int:
+    """The seed if a result can record it (an integer in 0..2**64-1), else a ConfigError."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be an integer from 0 to 2**64-1 (what a result records), got {seed!r}")
+    return seed
+
+
+def _check_counts(n_samples: object, n_neighbors: object) -> None:
+    for name, n in (("n_samples", n_samples), ("n_neighbors", n_neighbors)):
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise ConfigError(f"{name} must be an integer, got {n!r}")
+    if n_samples < 0 or n_neighbors < 0 or n_samples + n_neighbors == 0:  # type: ignore[operator]
+        raise ConfigError(f"n_samples={n_samples}, n_neighbors={n_neighbors}: both must be >= 0 "
+                          "and at least one > 0")
 
 
 def _check_user(user: UserProfile) -> None:

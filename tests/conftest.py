@@ -125,3 +125,68 @@ def default_bundle(tmp_path_factory, smollm2_gguf, minilm_dir) -> Path:
     from export.default_bundle import build_default_bundle
 
     return build_default_bundle(tmp_path_factory.mktemp("default_bundle") / "bundle")
+
+
+# ----------------------------------------------------------------------------- a fake engine
+
+CANNED_CHAIN = ('The user prefers short answers.\n<JSON_START>\n{"rationale": {"criteria": [{"name": "Brevity", '
+                '"weight": 60, "response_1": 8, "response_2": 5}, {"name": "Accuracy", "weight": 40, "response_1": 6, '
+                '"response_2": 7}]}, "better_response": {"response_1": 7.2, "response_2": 5.8}}\n<JSON_END>')
+
+
+class FakeEngine:
+    """Stands in for `pgenrm_lite.engine.Engine` where the model does not matter (like simonw/llm's
+    MockModel): completions come from `queue` (a list of texts, used in order, then repeated from
+    the start), or a canned valid chain; calls are recorded. Never used by tests that claim the
+    real model works."""
+
+    queue: list[str] = []
+
+    def __init__(self, model_path, *, n_ctx: int = 8192, n_threads=None, device: str = "auto",
+                 chat_template=None, **_):
+        from pgenrm_lite.chat import ChatFormatter
+
+        self.model_path, self.n_ctx, self.n_ctx_seq = str(model_path), n_ctx, n_ctx
+        self.n_threads, self.device, self.architecture = n_threads or 1, "cpu", "fake"
+        self._chat = ChatFormatter(chat_template)
+        self.calls: list = []
+        self.closed = False
+
+    def chat_tokens(self, messages) -> tuple[int, ...]:
+        from pgenrm_lite.errors import ClosedError
+
+        if self.closed:
+            raise ClosedError("this engine was closed")
+        # one token per 4 characters of the rendered prompt: a plausible length for context fitting
+        text = "".join(t for t, _ in self._chat.render_parts(messages))
+        return tuple(ord(c) % 251 for c in text[::4]) or (0,)
+
+    def generate(self, requests, params):
+        from pgenrm_lite.engine import Completion, GenerationStats
+
+        self.calls.append((requests, params))
+        texts = type(self).queue or [CANNED_CHAIN]
+        out, k = [], 0
+        for r in requests:
+            row = []
+            for seed in r.seeds:
+                text = texts[k % len(texts)]
+                k += 1
+                row.append(Completion(text=text, n_tokens=max(1, len(text) // 4), finish_reason="stop", seed=seed))
+            out.append(row)
+        return out, GenerationStats(n_prompt_tokens=sum(len(r.tokens) for r in requests),
+                                    n_generated_tokens=sum(c.n_tokens for row in out for c in row))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    """Scorers built in this test get a FakeEngine instead of llama.cpp; yields the class."""
+    import pgenrm_lite.scorer as scorer_module
+
+    FakeEngine.queue = []
+    monkeypatch.setattr(scorer_module, "Engine", FakeEngine)
+    yield FakeEngine
+    FakeEngine.queue = []
