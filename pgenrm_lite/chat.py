@@ -13,6 +13,9 @@ same way); the template text around the markers is split at its control tokens; 
 plain text between two control tokens, template and content together, is tokenized as
 one run, as a Hugging Face tokenizer does. A second render with the real contents must
 give exactly the string the pieces join to, or the template is refused.
+
+A template that refuses a system message (Gemma 2, early Mistral) gets it at the head of
+the first user message, separated by a blank line, where transformers would raise.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ class ChatFormatter:
             raise ConfigError(f"the chat template does not compile ({exc}); {OVERRIDE_HINT}") from exc
         self.bos_token = bos_token
         self.eos_token = eos_token
+        self._accepts_system: bool | None = None
 
     def render(self, messages: Sequence[dict]) -> str:
         """The prompt as one string, as `apply_chat_template(..., tokenize=False)` writes it."""
@@ -106,8 +110,29 @@ class ChatFormatter:
             raise ConfigError(f"the chat template wrote {len(out)} characters; {OVERRIDE_HINT}")
         return out
 
+    def accepts_system(self) -> bool:
+        """Whether the template renders a system message (Gemma 2 and early Mistral templates refuse one)."""
+        if self._accepts_system is None:
+            try:
+                self.render([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+                self._accepts_system = True
+            except ConfigError:
+                self._accepts_system = False
+        return self._accepts_system
+
+    def fit_roles(self, messages: Sequence[dict]) -> list[dict]:
+        """The messages as this template takes them: a system message it refuses is put at the head
+        of the first user message, separated by a blank line (what those models were tuned with)."""
+        messages = list(messages)
+        if len(messages) >= 2 and messages[0].get("role") == "system" and messages[1].get("role") == "user" \
+                and not self.accepts_system():
+            head, first = messages[0], messages[1]
+            return [{**first, "content": f"{head['content']}\n\n{first['content']}"}] + messages[2:]
+        return messages
+
     def render_parts(self, messages: Sequence[dict]) -> list[tuple[str, bool]]:
         """The prompt as (text, is_template_text) pieces, in order; contents trimmed as the template does."""
+        messages = self.fit_roles(messages)
         marks = [f"\ue000{uuid.uuid4().hex}\ue001" for _ in messages]
         probed = self.render([{**m, "content": _PAD_LEFT + mark + _PAD_RIGHT} for m, mark in zip(messages, marks)])
         found = []
@@ -131,7 +156,7 @@ class ChatFormatter:
             cursor = pos + len(marks[i]) + (len(_PAD_RIGHT) if keep_right else 0)
         parts.append((probed[cursor:], True))
         parts = [(t, is_template) for t, is_template in parts if t]
-        if "".join(t for t, _ in parts) != self.render(messages):
+        if "".join(t for t, _ in parts) != self.render(messages):  # the real contents, as transformers renders them
             raise EngineError("the chat template changes message contents in a way that cannot be reproduced "
                               f"safely (beyond trimming whitespace): {OVERRIDE_HINT}")
         return parts

@@ -244,7 +244,7 @@ class Engine:
 
     def render_chat(self, messages: Sequence[dict]) -> str:
         """The chat template's output as one string (what transformers' apply_chat_template writes)."""
-        return self._chat.render(messages)
+        return self._chat.render(self._chat.fit_roles(messages))
 
     def is_control(self, token: int) -> bool:
         """A control token: one that only template text (parse_special) can produce."""

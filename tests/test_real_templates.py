@@ -209,3 +209,50 @@ def test_bundle_with_real_llama3_tokenizer_compares_under_both_contracts(real_gg
         assert res.score_a is not None and res.seed == 3
         if contract == "official":
             assert all(c.rationale is not None for c in res.chains)
+
+
+# The other template families, written here with each family's structure (not copied): how
+# they place roles, whether they trim, whether they refuse a system message.
+FAMILY_TEMPLATES = {
+    "llama3_2": ("{{- bos_token }}{%- set date = strftime_now('%d %b %Y') %}"
+                 "{%- if messages[0]['role'] == 'system' %}{%- set sys = messages[0]['content'] | trim %}"
+                 "{%- set messages = messages[1:] %}{%- else %}{%- set sys = '' %}{%- endif %}"
+                 "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nToday: ' + date + '\\n\\n' + sys + '<|eot_id|>' }}"
+                 "{%- for m in messages %}{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + "
+                 "m['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+                 "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"),
+    "qwen2_5": ("{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}"
+                "{%- endif %}{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+                "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"),
+    "mistral_inst": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                     "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% elif m['role'] == 'assistant' %}"
+                     "{{ m['content'] + eos_token }}{% else %}{{ raise_exception('Only user and assistant roles "
+                     "are supported') }}{% endif %}{% endfor %}"),
+    "gemma2": ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+               "supported') }}{% endif %}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' "
+               "else m['role'] %}{{ '<start_of_turn>' + role + '\\n' + m['content'] | trim + '<end_of_turn>\\n' }}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"),
+    "phi3": ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"),
+    "chatml": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_TEMPLATES))
+def test_template_families_render_and_tokenize_as_transformers(family, real_tokenizer):
+    """Each family's layout against transformers' own renderer, tokenized with the Llama 3.1 vocabulary."""
+    path = real_tokenizer("llama3_1")
+    hf = _hf(path)
+    template = FAMILY_TEMPLATES[family]
+    fmt = ChatFormatter(template, bos_token=hf.bos_token or "", eos_token=hf.eos_token or "")
+    tokenize, is_control, token_text = _tokenizers_callables(path)
+    for query, r1, r2 in CASES:
+        msgs = fmt.fit_roles(protocol.render_messages(USER, query, r1, r2))
+        assert (len(msgs) == 1) == (family in ("mistral_inst", "gemma2"))  # system put into the user message
+        want = hf.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=True)
+        assert "".join(t for t, _ in fmt.render_parts(msgs)) == want
+        ids = fmt.tokenize(msgs, tokenize, is_control=is_control, token_text=token_text, bos_id=None)
+        want_ids = hf.apply_chat_template(msgs, chat_template=template, tokenize=True, add_generation_prompt=True,
+                                          return_dict=False)
+        assert ids == list(want_ids), (family, query)
