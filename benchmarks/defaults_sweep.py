@@ -35,12 +35,12 @@ def readability(text: str) -> float | None:
 
 
 def run_config(bundle: Path, users: dict, tests: list, temperature: float, analysis_max: int, args) -> dict:
-    from pgenrm_lite import protocol
+    from pgenrm_lite import contracts
     from pgenrm_lite.evaluation import wilson_interval
     from pgenrm_lite.scorer import Scorer
 
     analysis = (20, analysis_max)
-    max_tokens = protocol.grammar_token_need(analysis_chars=analysis, max_criteria=args.max_criteria)
+    max_tokens = contracts.structured_token_need(analysis, args.max_criteria)
     chains = parsed = ties = 0
     agree = 0.0
     read, tokens = [], []

@@ -395,13 +395,13 @@ def select_configs(configs: list, names: str | None) -> list:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     omp_policy = apply_omp_policy(args.omp_wait_policy)
-    from pgenrm_lite import protocol
+    from pgenrm_lite import contracts
     from pgenrm_lite.engine import Engine, Request
 
     configs = select_configs(QUICK_CONFIGS if args.quick else CONFIGS, args.configs)
     at_start = machine()
     model = str(model_path(args))
-    grammar = protocol.output_grammar(analysis_chars=tuple(args.analysis_chars), max_criteria=args.max_criteria)
+    grammar = contracts.structured_grammar(tuple(args.analysis_chars), args.max_criteria)
     with Engine(model, n_ctx=64, n_seq_max=1, device="cpu") as tokenizer:
         pairs = build_pairs(args, configs, tokenizer)
         needed = {name: max(tokenizer.tokens_needed([Request(tuple(t), tuple(s)) for t, s in calls_of(p, m, n)],

@@ -9,7 +9,6 @@ one-line diagnosis instead of the caller's process with no message.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -213,23 +213,6 @@ def render_messages(user: UserProfile, prompt: str, response_1: str, response_2:
     return [{"role": "system", "content": system}, {"role": "user", "content": user_msg}]
 
 
-# -- output grammar ---------------------------------------------------------------------
-
-DEFAULT_ANALYSIS_CHARS = contracts.CONTRACTS["structured"].analysis_chars
-
-
-def grammar_token_need(*, analysis_chars: tuple[int, int] = DEFAULT_ANALYSIS_CHARS,  # type: ignore[assignment]
-                       max_criteria: int = DEFAULT_MAX_CRITERIA) -> int:
-    """The structured contract's `contracts.structured_token_need`."""
-    return contracts.structured_token_need(analysis_chars, max_criteria)
-
-
-def output_grammar(*, analysis_chars: tuple[int, int] = DEFAULT_ANALYSIS_CHARS,  # type: ignore[assignment]
-                   max_criteria: int = DEFAULT_MAX_CRITERIA) -> str:
-    """The structured contract's grammar (`contracts.structured_grammar`)."""
-    return contracts.structured_grammar(analysis_chars, max_criteria)
-
-
 # -- parsing ----------------------------------------------------------------------------
 
 _NUMBER_STR = re.compile(r"^\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*(?:/\s*10)?\s*%?\s*$")

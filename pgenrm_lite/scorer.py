@@ -20,7 +20,7 @@ from . import contracts, protocol, scaling
 from .bundle import Bundle
 from .engine import Engine, Request, SamplingParams
 from .errors import ChainParseError, ClosedError, ConfigError, ContextOverflowError
-from .records import (CompareResult, EvaluationChain, NeighborScore, Preference, Sample, Timing,
+from .records import (CompareResult, EvaluationChain, NeighborScore, Sample, Timing,
                       UserProfile)
 
 # Fitting policy, in order: drop shown history pairs down to one, then shorten every

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pgenrm_lite import Preference, UserProfile, protocol
+from pgenrm_lite import Preference, UserProfile, contracts, protocol
 from pgenrm_lite.engine import Engine, Request, SamplingParams
 from pgenrm_lite.errors import ConfigError, ContextOverflowError, EngineError
 
@@ -63,7 +63,7 @@ def test_max_tokens_and_finish_reason(engine):
 
 
 def test_grammar_output_always_meets_the_contract(engine):
-    g = protocol.output_grammar(analysis_chars=(5, 60), max_criteria=2)
+    g = contracts.structured_grammar((5, 60), 2)
     outs, _ = engine.generate([Request(engine.chat_tokens(MSGS), tuple(range(6)))],
                               SamplingParams(max_tokens=400, grammar=g))
     for c in outs[0]:
@@ -87,7 +87,7 @@ def test_split_kv_streams_give_the_unified_results(engine, tiny_gguf):
     """Per-sequence KV streams (prefixes copied whole, then trimmed) draw the same chains."""
     t1 = engine.chat_tokens(MSGS)
     t2 = engine.chat_tokens([MSGS[0], {"role": "user", "content": "Which one is worse, and why?"}])
-    g = protocol.output_grammar(analysis_chars=(5, 60), max_criteria=2)
+    g = contracts.structured_grammar((5, 60), 2)
     params = SamplingParams(max_tokens=400, grammar=g, digit_probs=True)
     requests = [Request(t1, (0, 1, 2)), Request(t2, (3,))]
     unified, _ = engine.generate(requests, params)
@@ -124,7 +124,7 @@ def test_bad_inputs(engine, tiny_gguf, tmp_path):
 
 
 def test_batched_and_sequential_smollm2_chains_both_parse(smollm2_gguf):
-    g = protocol.output_grammar(analysis_chars=(20, 200), max_criteria=3)
+    g = contracts.structured_grammar((20, 200), 3)
     params = SamplingParams(max_tokens=448, grammar=g)
     msgs = protocol.render_messages(
         UserProfile(user_id="u", history=[Preference(

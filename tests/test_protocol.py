@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from pgenrm_lite import ChainParseError, ConfigError, Preference, UserProfile
-from pgenrm_lite import protocol
+from pgenrm_lite import contracts, protocol
 from pgenrm_lite.protocol import JSON_END, JSON_START, Template
 
 USER = UserProfile(user_id="u1", history=[
@@ -221,10 +221,10 @@ def test_template_file_errors(tmp_path):
 
 
 def test_grammar_is_bounded():
-    g = protocol.output_grammar(analysis_chars=(10, 50), max_criteria=3)
+    g = contracts.structured_grammar((10, 50), 3)
     assert "{10,50}" in g and "{0,2}" in g
     with pytest.raises(ConfigError):
-        protocol.output_grammar(analysis_chars=(0, 10))
+        contracts.structured_grammar((0, 10), 5)
 
 
 def test_weighted_sum_example_is_consistent():
