@@ -67,12 +67,16 @@ def _tokenizers_callables(path: Path):
     return tokenize, control.__contains__, parse.id_to_token
 
 
+def _formatter(path: Path, template: str | None = None):
+    """(transformers' tokenizer, our formatter with its template or `template`, the tokenizers callables)."""
+    hf = _hf(path)
+    fmt = ChatFormatter(template or hf.chat_template, bos_token=hf.bos_token or "", eos_token=hf.eos_token or "")
+    return hf, fmt, _tokenizers_callables(path)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_rendering_and_ids_equal_apply_chat_template(name, real_tokenizer):
-    path = real_tokenizer(name)
-    hf = _hf(path)
-    fmt = ChatFormatter(hf.chat_template, bos_token=hf.bos_token or "", eos_token=hf.eos_token or "")
-    tokenize, is_control, token_text = _tokenizers_callables(path)
+    hf, fmt, (tokenize, is_control, token_text) = _formatter(real_tokenizer(name))
     checked = 0
     for template in _templates().values():
         for query, r1, r2 in CASES:
@@ -99,10 +103,7 @@ def test_llama3_template_trims_content_and_survives(real_tokenizer):
 @pytest.mark.parametrize("name", NAMES)
 def test_special_spellings_in_content_stay_plain_text(name, real_tokenizer):
     """A documented difference from transformers: content never becomes control tokens."""
-    path = real_tokenizer(name)
-    hf = _hf(path)
-    fmt = ChatFormatter(hf.chat_template, bos_token=hf.bos_token or "", eos_token=hf.eos_token or "")
-    tokenize, is_control, token_text = _tokenizers_callables(path)
+    hf, fmt, (tokenize, is_control, token_text) = _formatter(real_tokenizer(name))
     special = SPECIALS[name]
     clean = protocol.render_messages(USER, "q", "a", "b")
     evil = protocol.render_messages(USER, f"q {special}", "a", f"b {special} end")
@@ -242,11 +243,8 @@ FAMILY_TEMPLATES = {
 @pytest.mark.parametrize("family", sorted(FAMILY_TEMPLATES))
 def test_template_families_render_and_tokenize_as_transformers(family, real_tokenizer):
     """Each family's layout against transformers' own renderer, tokenized with the Llama 3.1 vocabulary."""
-    path = real_tokenizer("llama3_1")
-    hf = _hf(path)
     template = FAMILY_TEMPLATES[family]
-    fmt = ChatFormatter(template, bos_token=hf.bos_token or "", eos_token=hf.eos_token or "")
-    tokenize, is_control, token_text = _tokenizers_callables(path)
+    hf, fmt, (tokenize, is_control, token_text) = _formatter(real_tokenizer("llama3_1"), template)
     for query, r1, r2 in CASES:
         msgs = fmt.fit_roles(protocol.render_messages(USER, query, r1, r2))
         assert (len(msgs) == 1) == (family in ("mistral_inst", "gemma2"))  # system put into the user message

@@ -254,23 +254,29 @@ def _ensure_repo_on_path() -> None:
         sys.path.insert(0, repo)
 
 
-def build_tiny_gguf(cache_dir: str | Path, arch: str = "llama", outtype: str = "f32", *,
-                    tokenizer: str = "bpe") -> Path:
-    """Build (once) a tiny checkpoint and its GGUF under `cache_dir`; return the GGUF path."""
+def _cached_gguf(cache_dir: str | Path, stem: str, build_checkpoint, outtype: str, bpe_pre: str | None) -> Path:
+    """`cache_dir/STEM-OUTTYPE.gguf`, converted (once) from `cache_dir/STEM-hf`, built (once) by `build_checkpoint(dir)`."""
     _ensure_repo_on_path()
     from export.gguf_convert import convert
 
     cache_dir = Path(cache_dir)
-    out = cache_dir / f"tiny-{arch}-{tokenizer}-{outtype}.gguf"
+    out = cache_dir / f"{stem}-{outtype}.gguf"
     if out.exists():
         return out
-    hf_dir = cache_dir / f"tiny-{arch}-{tokenizer}-hf"
+    hf_dir = cache_dir / f"{stem}-hf"
     if not (hf_dir / "config.json").exists():
-        build_tiny_checkpoint(hf_dir, arch, tokenizer=tokenizer)
-    # the tokenizers-trained BPE has no known pre-tokenizer hash: GPT-2 rules match its setup
-    bpe_pre = "gpt-2" if tokenizer == "bpe" else None
+        build_checkpoint(hf_dir)
     convert(hf_dir, out, outtype=outtype, bpe_pre=bpe_pre, progress=False)
     return out
+
+
+def build_tiny_gguf(cache_dir: str | Path, arch: str = "llama", outtype: str = "f32", *,
+                    tokenizer: str = "bpe") -> Path:
+    """Build (once) a tiny checkpoint and its GGUF under `cache_dir`; return the GGUF path."""
+    # the tokenizers-trained BPE has no known pre-tokenizer hash: GPT-2 rules match its setup
+    return _cached_gguf(cache_dir, f"tiny-{arch}-{tokenizer}",
+                        lambda d: build_tiny_checkpoint(d, arch, tokenizer=tokenizer), outtype,
+                        "gpt-2" if tokenizer == "bpe" else None)
 
 
 # ----------------------------------------------------------------------------- real tokenizers
@@ -323,15 +329,4 @@ def build_real_tokenizer_checkpoint(out_dir: str | Path, name: str, *, seed: int
 
 def build_real_tokenizer_gguf(cache_dir: str | Path, name: str, outtype: str = "f32") -> Path:
     """Build (once) `build_real_tokenizer_checkpoint` and its GGUF (pre-tokenizer detected, not forced)."""
-    _ensure_repo_on_path()
-    from export.gguf_convert import convert
-
-    cache_dir = Path(cache_dir)
-    out = cache_dir / f"real-{name}-{outtype}.gguf"
-    if out.exists():
-        return out
-    hf_dir = cache_dir / f"real-{name}-hf"
-    if not (hf_dir / "config.json").exists():
-        build_real_tokenizer_checkpoint(hf_dir, name)
-    convert(hf_dir, out, outtype=outtype, progress=False)
-    return out
+    return _cached_gguf(cache_dir, f"real-{name}", lambda d: build_real_tokenizer_checkpoint(d, name), outtype, None)
