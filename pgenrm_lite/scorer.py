@@ -27,7 +27,6 @@ from .records import (CompareResult, EvaluationChain, NeighborScore, Sample, Tim
 # untrusted text (history, query, candidates) to these lengths, keeping head and tail.
 SHORTEN_STEPS = (4000, 2000, 1000, 500, 250)
 MAX_RESPONSES = 16  # score() compares all pairs: k(k-1)/2 pairs
-DEFAULT_MAX_TOKENS = contracts.CONTRACTS["structured"].max_tokens  # the structured grammar's longest chain
 
 
 @dataclass(frozen=True)
