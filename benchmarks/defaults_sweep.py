@@ -9,7 +9,9 @@ one trailing punctuation mark; URLs, code and letter soup are not). Also tokens 
 
 Choice rule (printed with the result): the configurations whose agreement interval (95%
 Wilson) overlaps the best one's are indistinguishable on agreement; among those with a
-parse rate of at least 95%, take the most readable.
+parse rate of at least 95%, those within 0.01 of the best readability are equally
+readable; among those, the fewest ties (a tie is no decision), then the fewest tokens per
+chain (the cheapest). `--from-json FILE` prints a saved run again and re-applies the rule.
 
     python benchmarks/defaults_sweep.py ../shared/data/hh_two_users_test.jsonl.gz
 
@@ -19,6 +21,7 @@ Writes benchmarks/out/defaults_sweep.json (or --out-dir).
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -26,6 +29,7 @@ from pathlib import Path
 
 from _common import OUT_DIR, fmt, hh_test_rows, load_line, machine, resolve_bundle, table, write_json
 
+READABILITY_TIE = 0.01  # readability differences below this are noise at this sample size
 WORD = re.compile(r"^[A-Za-z]+(?:['-][A-Za-z]+)*[.,;:!?)]?$")
 
 
@@ -69,10 +73,14 @@ def run_config(bundle: Path, users: dict, tests: list, temperature: float, analy
 
 
 def choose(results: list[dict]) -> dict:
+    """Agreement first where it tells configurations apart, then readability, then ties, then cost."""
     best = max(results, key=lambda r: r["agreement"] or 0)
     lo_best = best["agreement_ci95"][0]
     tied = [r for r in results if r["agreement_ci95"] and r["agreement_ci95"][1] >= lo_best and r["parse_rate"] >= 0.95]
-    return max(tied or [best], key=lambda r: r["readability"] or 0)
+    tied = tied or [best]
+    top = max(r["readability"] or 0 for r in tied)
+    readable = [r for r in tied if (r["readability"] or 0) >= top - READABILITY_TIE]
+    return min(readable, key=lambda r: (r["tie_rate"] or 0, r["tokens_per_chain"]))
 
 
 def main(argv=None) -> int:
@@ -88,7 +96,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=OUT_DIR)
+    p.add_argument("--from-json", type=Path, default=None, help="re-print a saved run (no measuring)")
     args = p.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        report(saved["results"], saved["settings"]["pairs"], saved["settings"]["samples"], saved["settings"]["seed"],
+               "load average: see the file")
+        saved["chosen"] = choose(saved["results"])
+        write_json(args.out_dir / "defaults_sweep.json", saved)
+        return 0
     bundle = resolve_bundle(args.bundle)
     users, tests = hh_test_rows(args.data, args.limit, args.split_seed)
     at_start = machine()
@@ -99,8 +115,18 @@ def main(argv=None) -> int:
             print(f"  T={t} analysis<={a}: parse {r['parse_rate']:.2f} agree {fmt(r['agreement'])} "
                   f"read {fmt(r['readability'])} ({r['wall_s']:.0f} s)", file=sys.stderr, flush=True)
             results.append(r)
+    chosen = report(results, len(tests), args.samples, args.seed, load_line())
+    write_json(args.out_dir / "defaults_sweep.json", {
+        "benchmark": "defaults_sweep", "machine": {**at_start, "load_average_end": machine()["load_average"]},
+        "settings": {"data": str(args.data), "bundle": str(bundle), "pairs": len(tests), "samples": args.samples,
+                     "seed": args.seed, "split_seed": args.split_seed, "max_criteria": args.max_criteria},
+        "results": results, "chosen": chosen})
+    return 0
+
+
+def report(results: list[dict], pairs: int, samples: int, seed: int, load: str) -> dict:
     chosen = choose(results)
-    print(f"\n{len(tests)} HH test pairs x {args.samples} chains, seed {args.seed}; {load_line()}")
+    print(f"\n{pairs} HH test pairs x {samples} chains, seed {seed}; {load}")
     print(table(["temperature", "analysis", "parse", "ties", "agreement [95% CI]", "readability", "tokens/chain",
                  "wall s"],
                 [[r["temperature"], r["analysis_chars"][1], fmt(r["parse_rate"]), fmt(r["tie_rate"]),
@@ -109,13 +135,8 @@ def main(argv=None) -> int:
                   fmt(r["wall_s"], 0)] for r in results]))
     print(f"chosen: temperature {chosen['temperature']}, analysis_chars {chosen['analysis_chars']}, "
           f"max_tokens {chosen['max_tokens']} (rule: agreement intervals overlapping the best, parse >= 95%, "
-          "then the most readable)")
-    write_json(args.out_dir / "defaults_sweep.json", {
-        "benchmark": "defaults_sweep", "machine": {**at_start, "load_average_end": machine()["load_average"]},
-        "settings": {"data": str(args.data), "bundle": str(bundle), "pairs": len(tests), "samples": args.samples,
-                     "seed": args.seed, "split_seed": args.split_seed, "max_criteria": args.max_criteria},
-        "results": results, "chosen": chosen})
-    return 0
+          f"readability within {READABILITY_TIE} of the best, then fewest ties, then fewest tokens)")
+    return chosen
 
 
 if __name__ == "__main__":

@@ -19,8 +19,11 @@ from pgenrm_lite.datasets import load_rows, users_from_rows
 from pgenrm_lite.defaults import default_bundle_dir, example_users_path
 from pgenrm_lite.errors import ExportError
 
-# A 135M model writes short, loose chains: a shorter analysis keeps a chain near 300 tokens.
-RECOMMENDED = {"max_tokens": 640, "analysis_chars": [20, 600], "max_criteria": 4}
+# SmolLM2-135M's sampling settings, chosen by `benchmarks/defaults_sweep.py` on 16 held-out HH
+# pairs x 4 chains (benchmarks/out/defaults_sweep.json): at temperature 0.4-0.7 most chains tie
+# (42-92%), at 1.0 18-25%; agreement does not tell the PART 1 lengths apart, readability
+# barely does, so the shortest (fewest ties, fewest tokens) wins. max_tokens is the grammar's need.
+RECOMMENDED = {"temperature": 1.0, "max_tokens": 372, "analysis_chars": [20, 300], "max_criteria": 4}
 PROTOTYPES_K = 4
 
 
