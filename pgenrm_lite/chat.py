@@ -169,9 +169,10 @@ class ChatFormatter:
         run: list[str] = []
 
         def flush() -> None:
-            if any(run):
-                tokens.extend(tokenize("".join(run), add_special=False, parse_special=False))
-                run.clear()
+            text = "".join(run)
+            run.clear()
+            if text:
+                tokens.extend(tokenize(text, add_special=False, parse_special=False))
 
         for text, is_template in self.render_parts(messages):
             if not is_template:
