@@ -83,7 +83,8 @@ def _open_scorer(args, **overrides):
         raise BundleError(f"no default bundle at {path}; build it with `python -m export default-bundle` "
                           "or pass --bundle DIR")
     options: dict[str, Any] = {}
-    for name in ("max_tokens", "temperature", "expected_scores", "candidate_order", "chat_template"):
+    for name in ("max_tokens", "temperature", "expected_scores", "candidate_order", "chat_template",
+                 "min_confidence"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     options.update(overrides)
@@ -226,7 +227,7 @@ def cmd_eval(args) -> int:
 
         def judge(user, row, seed):
             res = scorer.compare(user, row.prompt, row.chosen, row.rejected, seed=seed)
-            return res.preferred, res.n_parsed, res.n_failed
+            return res.preferred, res.n_parsed, res.n_failed, res.abstained
 
         with Progress(len(tests), "eval", unit="pairs") as bar:
             report = evaluate(judge, users, tests, seed=args.seed, config=config,
@@ -253,7 +254,7 @@ def _print_accuracy(name: str, s: dict) -> None:
     ci_txt = f"[{pct(ci[0])}, {pct(ci[1])}]" if ci else ""
     print(f"{name:>16}: {pct(s['accuracy_official'])} {ci_txt} (official, n={s['correct'] + s['wrong']})  "
           f"{pct(s['accuracy_rewardbench'])} (ties/failures wrong, n={s['pairs']})  "
-          f"ties={s['ties']} unparsed={s['no_parse']}")
+          f"ties={s['ties']} unparsed={s['no_parse']}" + (f" abstained={s['abstained']}" if s["abstained"] else ""))
 
 
 def cmd_serve(args) -> int:
@@ -437,6 +438,8 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--expected-scores", action="store_true", default=None,
                    help="read each chain's final scores as digit expectations (lower variance per chain)")
+    p.add_argument("--min-confidence", type=float, default=None, metavar="SHARE",
+                   help="abstain (no decision) when fewer than SHARE of the parsed chains prefer the verdict's side")
     p.add_argument("--candidate-order", choices=("sample", "item"), default=None,
                    help="draw the candidates' order per sample (default) or once per pair (the official pipeline)")
     p.add_argument("--chat-template", metavar="FILE.jinja", default=None,

@@ -36,15 +36,19 @@ class Tally:
     wrong: int = 0
     ties: int = 0  # both final scores equal: no decision
     no_parse: int = 0  # no sample parsed: no decision
+    abstained: int = 0  # a verdict withdrawn under min_confidence: no decision
     samples_failed: int = 0
     samples_total: int = 0
 
-    def add(self, preferred: Optional[str], expected: str, n_parsed: int, n_failed: int) -> None:
+    def add(self, preferred: Optional[str], expected: str, n_parsed: int, n_failed: int,
+            abstained: bool = False) -> None:
         self.pairs += 1
         self.samples_failed += n_failed
         self.samples_total += n_parsed + n_failed
         if preferred is None:
-            if n_parsed == 0:
+            if abstained:
+                self.abstained += 1
+            elif n_parsed == 0:
                 self.no_parse += 1
             else:
                 self.ties += 1
@@ -91,18 +95,21 @@ def interleave_by_user(rows: Sequence[Row]) -> list[Row]:
 def evaluate(judge: Callable[[UserProfile, Row, int], tuple[Optional[str], int, int]],
              users: dict[str, UserProfile], rows: Iterable[Row], *, seed: int, config: dict,
              on_result: Callable[[dict], None] | None = None) -> EvalReport:
-    """Judge every row (chosen shown as candidate 'a'); `judge` returns (preferred, n_parsed, n_failed)."""
+    """Judge every row (chosen shown as candidate 'a'); `judge` returns (preferred, n_parsed, n_failed)
+    or (preferred, n_parsed, n_failed, abstained)."""
     overall = Tally()
     per_user: dict[str, Tally] = defaultdict(Tally)
     results = []
     for i, row in enumerate(rows):
         user = users.get(row.user_id) or UserProfile(user_id=row.user_id)
         row_seed = derive_seed(seed, "eval", i)
-        preferred, n_parsed, n_failed = judge(user, row, row_seed)
-        overall.add(preferred, "a", n_parsed, n_failed)
-        per_user[row.user_id].add(preferred, "a", n_parsed, n_failed)
+        verdict = judge(user, row, row_seed)
+        preferred, n_parsed, n_failed = verdict[:3]
+        abstained = bool(verdict[3]) if len(verdict) > 3 else False
+        overall.add(preferred, "a", n_parsed, n_failed, abstained)
+        per_user[row.user_id].add(preferred, "a", n_parsed, n_failed, abstained)
         item = {"index": i, "user_id": row.user_id, "seed": row_seed, "preferred": preferred,
-                "correct": preferred == "a", "n_parsed": n_parsed, "n_failed": n_failed}
+                "correct": preferred == "a", "n_parsed": n_parsed, "n_failed": n_failed, "abstained": abstained}
         results.append(item)
         if on_result:
             on_result(item)

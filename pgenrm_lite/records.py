@@ -156,6 +156,26 @@ class NeighborScore(_Record):
     score_b: Optional[float]
 
 
+class LevelConfidence(_Record):
+    """How the parsed chains of one level lean (see `scaling.level_confidence`)."""
+
+    n_chains: int = 0
+    prefer_a: Optional[float] = None  # share of the chains whose score_a > score_b
+    prefer_b: Optional[float] = None
+    ties: Optional[float] = None
+    diff_mean: Optional[float] = None  # mean of score_a - score_b over the chains
+    diff_ci95: Optional[tuple[float, float]] = None  # 95% t-interval of that mean (2+ chains)
+    order_consistent: Optional[bool] = None  # chains that saw A first and B first lean alike
+
+
+class Confidence(_Record):
+    """How sure the verdict is: all parsed chains, and each level of the scaling separately."""
+
+    overall: LevelConfidence
+    individual: LevelConfidence
+    prototype: Optional[LevelConfidence] = None  # with n_neighbors > 0
+
+
 class Timing(_Record):
     prompt_s: float = 0.0
     decode_s: float = 0.0
@@ -193,6 +213,10 @@ class CompareResult(_Record):
     context_policy: list[str] = Field(default_factory=list)  # what was cut to fit the window
     notes: list[str] = Field(default_factory=list)  # e.g. samples ran in groups, persona fallback
     timing: Timing = Field(default_factory=Timing)
+    confidence: Optional[Confidence] = None
+    # With Scorer(min_confidence=...): a verdict whose side fewer than that share of the parsed
+    # chains prefer is withdrawn (preferred None, scores kept) and counted as an abstention.
+    abstained: bool = False
 
     @property
     def is_decision(self) -> bool:

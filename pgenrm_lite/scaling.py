@@ -44,3 +44,46 @@ def decide(score_a: Optional[float], score_b: Optional[float]) -> Optional[str]:
     if score_a is None or score_b is None or abs(score_a - score_b) <= TIE_TOLERANCE:
         return None
     return "a" if score_a > score_b else "b"
+
+
+# -- confidence -----------------------------------------------------------------------------
+
+# Two-sided 95% Student t quantiles by degrees of freedom (1-30); 1.96 beyond.
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)
+
+
+def level_confidence(chains: Sequence[tuple[Pair, bool]]) -> dict:
+    """How the parsed chains of one level (own or neighbours) lean, from their (score_a, score_b)
+    and whether each saw B first (`swapped`).
+
+    prefer_a / prefer_b / ties: shares of the chains; diff_mean and diff_ci95: the mean of
+    score_a - score_b and its 95% t-interval (None below two chains); order_consistent: the
+    chains that saw A first and those that saw B first lean the same way (None when either
+    order has no chain).
+    """
+    n = len(chains)
+    diffs = [a - b for (a, b), _ in chains]
+    out: dict = {"n_chains": n, "prefer_a": None, "prefer_b": None, "ties": None, "diff_mean": None,
+                 "diff_ci95": None, "order_consistent": None}
+    if not n:
+        return out
+    out["prefer_a"] = sum(d > TIE_TOLERANCE for d in diffs) / n
+    out["prefer_b"] = sum(d < -TIE_TOLERANCE for d in diffs) / n
+    out["ties"] = 1.0 - out["prefer_a"] - out["prefer_b"]
+    mean = sum(diffs) / n
+    out["diff_mean"] = mean
+    if n >= 2:
+        sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
+        half = (_T95[n - 2] if n - 1 <= len(_T95) else 1.96) * sd / n ** 0.5
+        out["diff_ci95"] = (mean - half, mean + half)
+    by_order = [[a - b for (a, b), swapped in chains if swapped is s] for s in (False, True)]
+    if all(by_order):
+        leans = [_sign(sum(d) / len(d)) for d in by_order]
+        out["order_consistent"] = leans[0] == leans[1]
+    return out
+
+
+def _sign(x: float) -> int:
+    return 0 if abs(x) <= TIE_TOLERANCE else (1 if x > 0 else -1)

@@ -20,8 +20,8 @@ from . import contracts, protocol, scaling
 from .bundle import Bundle
 from .engine import Engine, Request, SamplingParams
 from .errors import ChainParseError, ClosedError, ConfigError, ContextOverflowError
-from .records import (CompareResult, EvaluationChain, NeighborScore, Sample, Timing,
-                      UserProfile)
+from .records import (CompareResult, Confidence, EvaluationChain, LevelConfidence, NeighborScore, Sample,
+                      Timing, UserProfile)
 
 # Fitting policy, in order: drop shown history pairs down to one, then shorten every
 # untrusted text (history, query, candidates) to these lengths, keeping head and tail.
@@ -64,6 +64,7 @@ class Scorer:
                  analysis_chars: Optional[tuple[int, int]] = None, rationale_chars: Optional[int] = None,
                  max_criteria: int = protocol.DEFAULT_MAX_CRITERIA, expected_scores: bool = False,
                  history_order: Optional[str] = None, candidate_order: Optional[str] = None,
+                 min_confidence: Optional[float] = None,
                  template=None, prototypes=None, bundle: Bundle | None = None):
         """Options left as None take the output contract's defaults (see `contracts.CONTRACTS`):
         the template names its contract, structured (the default) or official."""
@@ -90,6 +91,11 @@ class Scorer:
         if self.candidate_order not in ("sample", "item"):
             raise ConfigError(f"candidate_order must be 'sample' (drawn per sample) or 'item' (once per pair, "
                               f"as the official pipeline), got {self.candidate_order!r}")
+        if min_confidence is not None and (isinstance(min_confidence, bool) or not isinstance(min_confidence, (int, float))
+                                           or not 0 < min_confidence <= 1):
+            raise ConfigError(f"min_confidence must be a share in (0, 1] of the parsed chains, got {min_confidence!r}")
+        # A verdict preferred by fewer than this share of the parsed chains becomes no decision.
+        self.min_confidence = min_confidence
         self.constrained = contract.constrained if constrained is None else bool(constrained)
         max_tokens = contract.max_tokens if max_tokens is None else max_tokens
         analysis_chars = contract.analysis_chars if analysis_chars is None else tuple(analysis_chars)
@@ -457,8 +463,17 @@ class Scorer:
             notes = list(notes) + [f"{n_sampled_fallback} parsed chain(s) had no digit distributions for their "
                                    "final scores (not in the grammar's form); their sampled scores were used"]
         n_parsed = sum(1 for s in samples if s.chain is not None)
+        confidence = _confidence(samples, with_prototype=self.n_neighbors > 0)
+        preferred, abstained = scaling.decide(score_a, score_b), False
+        if preferred is not None and self.min_confidence is not None:
+            share = confidence.overall.prefer_a if preferred == "a" else confidence.overall.prefer_b
+            if share is None or share < self.min_confidence:
+                notes = list(notes) + [f"abstained: {share or 0:.0%} of the parsed chains prefer {preferred}, "
+                                       f"below min_confidence={self.min_confidence:g}"]
+                preferred, abstained = None, True
         return CompareResult(
-            preferred=scaling.decide(score_a, score_b), score_a=score_a, score_b=score_b, chains=chains,
+            preferred=preferred, abstained=abstained, confidence=confidence,  # type: ignore[arg-type]
+            score_a=score_a, score_b=score_b, chains=chains,
             samples=samples, n_parsed=n_parsed, n_failed=len(samples) - n_parsed, seed=seed,
             n_samples=self.n_samples, n_neighbors=self.n_neighbors, c_self=self.c_self, c_nb=self.c_nb,
             expected_scores=self.expected_scores, contract=self.contract.name,
@@ -469,6 +484,17 @@ class Scorer:
             timing=Timing(prompt_s=stats.prompt_s, decode_s=stats.decode_s, total_s=total,
                           n_prompt_tokens=stats.n_prompt_tokens, n_generated_tokens=stats.n_generated_tokens,
                           n_groups=stats.n_groups) if stats else Timing(total_s=total))
+
+
+def _confidence(samples: list[Sample], *, with_prototype: bool) -> Confidence:
+    """Per-level confidence from the parsed samples' scores and the order each saw."""
+    def level(*kinds: str) -> LevelConfidence:
+        return LevelConfidence(**scaling.level_confidence(
+            [((s.score_a, s.score_b), s.swapped) for s in samples
+             if s.kind in kinds and s.score_a is not None and s.score_b is not None]))
+
+    return Confidence(overall=level("self", "neighbor"), individual=level("self"),
+                      prototype=level("neighbor") if with_prototype else None)
 
 
 def _add_stats(a, b):
@@ -487,7 +513,7 @@ def _add_stats(a, b):
 
 _TUNABLE = ("max_tokens", "temperature", "top_p", "min_p", "history_pairs", "c_self", "c_nb",
             "analysis_chars", "rationale_chars", "max_criteria", "expected_scores", "constrained",
-            "history_order", "candidate_order")
+            "history_order", "candidate_order", "min_confidence")
 _INT_OPTIONS = ("max_tokens", "history_pairs", "max_criteria", "rationale_chars")
 _STR_OPTIONS = ("history_order", "candidate_order")
 

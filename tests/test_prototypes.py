@@ -544,6 +544,13 @@ def test_end_to_end_compare_with_neighbours(tmp_path, smollm2_gguf, minilm_onnx,
                 assert nb.score_a == pytest.approx(parsed[0].score_a)
         assert res.n_parsed + res.n_failed == 4
         assert res.n_parsed >= 1 and res.score_a is not None
+        # confidence per level, from the real chains
+        conf = res.confidence
+        own = [s for s in res.samples if s.kind == "self" and s.chain is not None]
+        assert conf.individual.n_chains == len(own) and conf.prototype is not None
+        assert conf.overall.n_chains == res.n_parsed == conf.individual.n_chains + conf.prototype.n_chains
+        if own:
+            assert conf.individual.prefer_a == sum(s.score_a > s.score_b for s in own) / len(own)
         # On-device addition through the Scorer, persisted into the bundle.
         newcomer = UserProfile(user_id="newcomer", history=me.history[:2])
         proto = scorer.add_user(newcomer)
