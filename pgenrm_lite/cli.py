@@ -340,7 +340,8 @@ def cmd_doctor(args) -> int:
         "packages": {d: version(d) for d in ("llama-cpp-python", "onnxruntime", "tokenizers", "numpy", "hnswlib",
                                              "pydantic", "orjson")},
         "llama_cpp_system_info": system_info,
-        "llama_cpp_build": {"features": features, "setup_flags": diagnostics.build_flags(),
+        "llama_cpp_build": {"features": features, "backends": diagnostics.backends(system_info),
+                            "setup_flags": diagnostics.build_flags(),
                             "cpu_advertises_amx": "amx_tile" in cpu,
                             "amx_kernels_built": any(v for k, v in features.items() if k.startswith("AMX"))},
         "llama_cpp_gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
@@ -368,6 +369,10 @@ def cmd_doctor(args) -> int:
     for key, value in info.items():
         if key == "llama_cpp_build":
             on = [k for k, v in value["features"].items() if v]
+            cuda = value["backends"].get("CUDA")
+            if cuda is not None:
+                print(f"llama_cpp_cuda: built for architectures {cuda.get('ARCHS', '?')}; GPU offload "
+                      f"{'available' if info['llama_cpp_gpu_offload'] else 'unavailable (no usable GPU or driver)'}")
             print(f"llama_cpp_build: {' '.join(on) or 'no CPU features reported'}; AMX kernels "
                   f"{'built' if value['amx_kernels_built'] else 'not built'} (CPU "
                   f"{'advertises' if value['cpu_advertises_amx'] else 'does not advertise'} AMX)")

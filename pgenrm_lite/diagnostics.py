@@ -43,6 +43,22 @@ def build_features(info: str | None = None) -> dict[str, bool]:
     return out
 
 
+def backends(info: str | None = None) -> dict[str, dict[str, str]]:
+    """ggml's compiled backends and their settings, e.g. {'CUDA': {'ARCHS': '890', ...}, 'CPU': {...}}."""
+    info = system_info() if info is None else info
+    out: dict[str, dict[str, str]] = {}
+    current = None
+    for part in info.split("|"):
+        head, sep, rest = part.partition(" : ")
+        if sep:  # "CUDA : ARCHS = 890" opens a backend
+            current = out.setdefault(head.strip(), {})
+            part = rest
+        name, eq, value = part.partition("=")
+        if current is not None and eq and name.strip():
+            current[name.strip()] = value.strip()
+    return out
+
+
 def cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

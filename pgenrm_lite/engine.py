@@ -109,6 +109,10 @@ class Engine:
         self.model_path = str(model_path)
         gpu_ok = bool(llama_cpp.llama_supports_gpu_offload())
         if device == "gpu" and not gpu_ok:
+            if "CUDA :" in llama_cpp.llama_print_system_info().decode("utf-8", "replace"):
+                raise ConfigError("device='gpu' was requested; this llama-cpp-python build has CUDA but found no "
+                                  "usable GPU (no NVIDIA driver, or one older than the CUDA runtime it was built "
+                                  "with); check `nvidia-smi`, or use device='cpu' / 'auto'")
             raise ConfigError("device='gpu' was requested but this llama-cpp-python build has no GPU "
                               "offload; rebuild it with `bash scripts/setup.sh --cuda` (or CMAKE_ARGS for Metal/Vulkan), "
                               "or use device='cpu' / 'auto'")

@@ -62,3 +62,15 @@ def test_doctor_exits_non_zero_when_the_decode_check_crashes(tiny_gguf, tmp_path
     assert main(["doctor", "--bundle", str(bundle)]) == 1
     out = capsys.readouterr().out
     assert "decode_check: FAILED: a one-token decode killed the process with SIGILL" in out
+
+
+def test_build_backends_are_read_from_ggml_system_info():
+    from pgenrm_lite import diagnostics
+
+    info = ("CUDA : ARCHS = 890 | NO_VMM = 1 | USE_GRAPHS = 1 | FA_QUANTS = q4_0-q4_0,f16-f16 | "
+            "CPU : SSE3 = 1 | AVX2 = 1 | AMX_INT8 = 0 | OPENMP = 1 | ")
+    assert diagnostics.backends(info) == {
+        "CUDA": {"ARCHS": "890", "NO_VMM": "1", "USE_GRAPHS": "1", "FA_QUANTS": "q4_0-q4_0,f16-f16"},
+        "CPU": {"SSE3": "1", "AVX2": "1", "AMX_INT8": "0", "OPENMP": "1"}}
+    features = diagnostics.build_features(info)
+    assert features["AVX2"] is True and features["AMX_INT8"] is False and "ARCHS" not in features
