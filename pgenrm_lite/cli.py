@@ -18,6 +18,7 @@ import orjson
 from . import __version__
 from ._progress import Progress
 from .errors import ConfigError, PgenrmError
+from .records import MAX_SEED
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -407,26 +408,21 @@ def _hints(system_info: str) -> list[str]:
 
 # -- parser ---------------------------------------------------------------------------------
 
-def _seed(text: str) -> int:
-    from .scorer import MAX_SEED
+def _int_in(lo: int, hi: int, why: str):
+    """An argparse type: an integer in lo..hi, else a usage error that says `why`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text} {why}")
+        return value
+    return parse
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"{text} is outside 0..2**64-1 (what a result can record)")
-    return value
 
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
+_seed = _int_in(0, MAX_SEED, "is outside 0..2**64-1 (what a result can record)")
+_positive = _int_in(1, sys.maxsize, "must be at least 1")
 
 
 def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:

@@ -17,6 +17,7 @@ from .errors import RecordError
 MAX_TEXT_CHARS = 200_000
 MAX_HISTORY_PAIRS = 10_000
 MAX_USER_ID_CHARS = 256
+MAX_SEED = 2 ** 64 - 1  # what a result (JSON, u64) can record
 
 
 class _Record(BaseModel):

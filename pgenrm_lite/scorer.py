@@ -20,8 +20,8 @@ from . import contracts, protocol, scaling
 from .bundle import Bundle
 from .engine import Engine, Request, SamplingParams
 from .errors import ChainParseError, ClosedError, ConfigError, ContextOverflowError
-from .records import (CompareResult, Confidence, EvaluationChain, LevelConfidence, NeighborScore, Sample,
-                      Timing, UserProfile)
+from .records import (MAX_SEED, CompareResult, Confidence, EvaluationChain, LevelConfidence, NeighborScore,
+                      Sample, Timing, UserProfile)
 
 # Fitting policy, in order: drop shown history pairs down to one, then shorten every
 # untrusted text (history, query, candidates) to these lengths, keeping head and tail.
@@ -566,9 +566,6 @@ def _auto_n_ctx(n_sequences: int, max_tokens: int) -> int:
     """Room for a long prompt plus every sample's budget, rounded up to 256, capped at 32k."""
     need = 4096 + max(1, n_sequences) * max_tokens
     return min(32768, (need + 255) // 256 * 256)
-
-
-MAX_SEED = 2 ** 64 - 1  # what a result (JSON, u64) can record
 
 
 def check_seed(seed: object) -> int:
