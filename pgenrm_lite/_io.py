@@ -47,8 +47,9 @@ def read_bytes(path: str | os.PathLike, limit: int, what: str, *, wait_s: float 
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     try:
-        if stat.S_ISREG(os.fstat(fd).st_mode) and os.fstat(fd).st_size > limit:
-            raise ConfigError(f"{what} {path} has {os.fstat(fd).st_size:,} bytes, over the limit of {limit:,}")
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_size > limit:
+            raise ConfigError(f"{what} {path} has {info.st_size:,} bytes, over the limit of {limit:,}")
         return _read_fd(fd, limit, f"{what} {path}", wait_s)
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None

@@ -18,7 +18,7 @@ import orjson
 from . import __version__
 from ._progress import Progress
 from .errors import ConfigError, PgenrmError
-from .records import MAX_SEED
+from .records import MAX_SEED, MAX_TEXT_CHARS
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -38,7 +38,6 @@ def read_text_arg(value: str) -> str:
     """
     global _stdin_taken
     from ._io import decode_utf8, read_bytes, read_stream
-    from .records import MAX_TEXT_CHARS
 
     if value == "-":
         if _stdin_taken:

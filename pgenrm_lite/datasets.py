@@ -53,13 +53,12 @@ def _open_lines(path: Path) -> Iterator[tuple[int, bytes]]:
         raise DataFormatError(f"cannot be opened ({exc.strerror})", path=str(path)) from exc
     try:
         with raw, (gzip.GzipFile(fileobj=raw, mode="rb") if path.suffix == ".gz" else raw) as fh:
-            lineno, total = 0, 0
+            lineno = 0
             while True:
                 line = fh.readline(MAX_LINE_BYTES + 1)
                 if not line:
                     return
                 lineno += 1
-                total += len(line)
                 if len(line) > MAX_LINE_BYTES:
                     raise DataFormatError(f"line is longer than {MAX_LINE_BYTES:,} bytes (is this a JSON Lines "
                                           "file?)", path=str(path), line=lineno)
