@@ -5,6 +5,14 @@ text may hold special tokens, message content never does), and decodes every req
 sample in one batch per step: each distinct prompt is evaluated once, reusing the longest
 prefix it shares with an earlier prompt, and its KV cells are shared with its samples by
 sequence copy. Each sample has its own seeded sampler chain (and grammar, if given).
+
+A request may name a cacheable prefix (`prefix_len`, e.g. a chat's system message). Such a
+prefix is always evaluated the same way: alone, from an empty memory, into sequence 0 at
+positions 0..P-1, in n_batch spans; its sequence state is then saved, and restored into the
+request's sequence before the rest of the prompt is evaluated from position P. A warm
+`PrefixCache` skips the evaluation and restores the saved bytes, so the cells, their values
+and every later batch are the same whether the cache was cold, warm or filled by other calls:
+the same seed gives bitwise the same samples.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import numpy as np
 
 from .chat import ChatFormatter
 from .errors import ClosedError, ConfigError, ContextOverflowError, EngineError
+from .prefix_cache import PrefixCache, cache_key
 
 logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
@@ -35,6 +44,9 @@ class Request:
 
     tokens: tuple[int, ...]
     seeds: tuple[int, ...]
+    # The first prefix_len tokens are evaluated (or restored from the prefix cache) as their
+    # own span; 0: no cacheable prefix, the prompt shares prefixes with earlier ones as found.
+    prefix_len: int = 0
 
 
 @dataclass
@@ -58,6 +70,10 @@ class GenerationStats:
     n_generated_tokens: int = 0
     n_groups: int = 0  # >1 when the samples did not fit the context together
     notes: list[str] = field(default_factory=list)
+    n_cached_tokens: int = 0  # prompt tokens restored from the prefix cache instead of evaluated
+    cache_hits: int = 0  # distinct prefixes restored from the cache
+    cache_misses: int = 0  # distinct prefixes evaluated
+    cache_evicted: int = 0  # cache entries dropped during the call to stay within the budget
 
 
 @dataclass(frozen=True)
@@ -97,7 +113,10 @@ class Engine:
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 8192, n_threads: int | None = None,
                  device: str = "auto", n_batch: int = 512, n_seq_max: int = 64,
                  flash_attn: bool = True, kv_unified: bool = True, verbose: bool = False,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, prefix_cache: PrefixCache | None = None,
+                 model_id: str | None = None):
+        """`model_id` names the model file's content (its sha256) in prefix-cache keys; without
+        it the file is hashed when a cache first needs the key."""
         if device not in DEVICES:
             raise ConfigError(f"device must be one of {DEVICES}, got {device!r}")
         if n_ctx < 64:
@@ -179,6 +198,10 @@ class Engine:
             self.chat_template,
             bos_token=self.token_bytes(bos, special=True).decode("utf-8", "replace") if bos >= 0 else "",
             eos_token=self.token_bytes(eos, special=True).decode("utf-8", "replace") if eos >= 0 else "")
+        self.prefix_cache = prefix_cache
+        self._model_id = model_id
+        self._flash_attn = flash_attn
+        self._cache_scope: tuple | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -246,6 +269,15 @@ class Engine:
         return tuple(self._chat.tokenize(messages, self.tokenize, is_control=self.is_control,
                                          token_text=self.token_text, bos_id=self._bos_id))
 
+    def cacheable_prefix(self, a: Sequence[int], b: Sequence[int]) -> int:
+        """Tokens of a cacheable prefix two prompts share: their common prefix, cut after its last
+        control token. Text between control tokens is tokenized as one run (see chat), so a cut
+        there is where other prompts with the same head (e.g. system message) split too."""
+        n = min(_common_prefix(a, b), len(a) - 1, len(b) - 1)
+        while n > 0 and not self.is_control(a[n - 1]):
+            n -= 1
+        return n
+
     def render_chat(self, messages: Sequence[dict]) -> str:
         """The chat template's output as one string (what transformers' apply_chat_template writes)."""
         return self._chat.render(self._chat.fit_roles(messages))
@@ -299,9 +331,17 @@ class Engine:
         self._prepare_digits(params)
         stats = GenerationStats()
         results: list[list[Completion | None]] = [[None] * len(r.seeds) for r in requests]
+        for r in requests:
+            if not 0 <= r.prefix_len < len(r.tokens):
+                raise ConfigError(f"prefix_len={r.prefix_len} must leave at least one of the prompt's "
+                                  f"{len(r.tokens)} tokens to evaluate")
+        states: dict[tuple[int, ...], bytes] = {}  # this call's prefix states, by prefix tokens
+        evicted = self.prefix_cache.stats.evicted if self.prefix_cache is not None else 0
         for group in self._plan_groups(requests, params.max_tokens, reserve=int(params.digit_probs)):
             stats.n_groups += 1
-            self._run_group(requests, group, params, results, stats)
+            self._run_group(requests, group, params, results, stats, states)
+        if self.prefix_cache is not None:
+            stats.cache_evicted = self.prefix_cache.stats.evicted - evicted
         if stats.n_groups > 1:
             stats.notes.append(f"samples ran in {stats.n_groups} groups: they did not fit "
                                f"n_ctx={self.n_ctx} / n_seq_max={self.n_seq_max} together")
@@ -332,8 +372,7 @@ class Engine:
             groups.append(current)
         return groups
 
-    def _run_group(self, requests, group, params, results, stats) -> None:
-        llama_cpp.llama_memory_clear(self._mem, True)
+    def _run_group(self, requests, group, params, results, stats, states) -> None:
         # Which samples each request owns in this group; the first one's sequence holds the prompt.
         by_req: dict[int, list[int]] = {}
         for ri, si in group:
@@ -341,14 +380,27 @@ class Engine:
         samples: dict[tuple[int, int], _Sample] = {}
         seq_ids = iter(range(self.n_seq_max))
         evaluated: list[tuple[int, tuple[int, ...]]] = []  # (seq, tokens) of prompts already in cache
+        placed: dict[tuple[int, ...], int] = {}  # cacheable prefix -> the sequence holding it in this group
         try:
             t0 = time.perf_counter()
+            for ri in by_req:
+                self._prefix_state(requests[ri], states, stats)
+            llama_cpp.llama_memory_clear(self._mem, True)
             for ri, sis in by_req.items():
                 tokens = requests[ri].tokens
                 seqs = [next(seq_ids) for _ in sis]
                 owner = seqs[0]
-                n_eval = self._prefill(owner, tokens, evaluated)
-                stats.n_prompt_tokens += n_eval
+                p = requests[ri].prefix_len
+                if p:
+                    prefix = tokens[:p]
+                    if prefix in placed:
+                        self._copy_prefix(placed[prefix], owner, p)
+                    else:
+                        self._restore(states[prefix], owner)
+                        placed[prefix] = owner
+                    stats.n_prompt_tokens += self._eval_span(owner, tokens, p, logits_last=True)
+                else:
+                    stats.n_prompt_tokens += self._prefill(owner, tokens, evaluated)
                 evaluated.append((owner, tokens))
                 for seq in seqs[1:]:
                     llama_cpp.llama_memory_seq_cp(self._mem, owner, seq, -1, -1)
@@ -379,6 +431,67 @@ class Engine:
             text, digit_probs, ten_probs = _decode_pieces(s.pieces, s.digits, s.tens)
             results[ri][si] = Completion(text=text, n_tokens=len(s.tokens), finish_reason=s.finish, seed=s.seed,
                                          digit_probs=digit_probs, ten_probs=ten_probs)
+
+    def _prefix_state(self, request: Request, states: dict, stats: GenerationStats) -> None:
+        """Have the saved state of the request's prefix in `states`: from the cache, else evaluated
+        alone from an empty memory (then offered to the cache)."""
+        p = request.prefix_len
+        prefix = request.tokens[:p]
+        if not p or prefix in states:
+            return
+        cache = self.prefix_cache
+        key = cache_key(*self.cache_scope(), prefix) if cache is not None and cache.enabled else None
+        data = cache.get(key) if key is not None else None
+        if data is not None:
+            stats.cache_hits += 1
+            stats.n_cached_tokens += p
+        else:
+            llama_cpp.llama_memory_clear(self._mem, True)
+            stats.n_prompt_tokens += self._eval_span(0, prefix, 0, logits_last=False)
+            data = self._save(0)
+            stats.cache_misses += 1
+            if key is not None:
+                cache.put(key, data)
+        states[prefix] = data
+
+    def cache_scope(self) -> tuple:
+        """Everything besides the prefix tokens that decides a saved prefix state's bytes."""
+        if self._cache_scope is None:
+            model_id = self._model_id
+            if model_id is None:
+                from .bundle import sha256_file
+
+                model_id = sha256_file(Path(self.model_path))
+            build = f"{llama_cpp.__version__} {llama_cpp.llama_print_system_info().decode('utf-8', 'replace')}"
+            self._cache_scope = (model_id, build, self.device, self.n_ctx, self.n_batch, self.n_seq_max,
+                                 self.kv_unified, self._flash_attn, self.n_threads, self.chat_template or "")
+        return self._cache_scope
+
+    def _eval_span(self, seq: int, tokens: Sequence[int], start: int, *, logits_last: bool) -> int:
+        """Evaluate tokens[start:] into `seq` at their positions, n_batch at a time. Returns the count."""
+        end = len(tokens)
+        pos = start
+        while pos < end:
+            chunk = tokens[pos:pos + self.n_batch]
+            self._fill_batch([(tok, pos + i, seq, logits_last and pos + i == end - 1)
+                              for i, tok in enumerate(chunk)])
+            self._decode()
+            pos += len(chunk)
+        return end - start
+
+    def _save(self, seq: int) -> bytes:
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, seq)
+        if n != size:
+            raise EngineError(f"llama.cpp saved {n} of {size} bytes of a sequence state")
+        return bytes(buf)
+
+    def _restore(self, data: bytes, seq: int) -> None:
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(data), seq) != len(data):
+            raise EngineError("llama.cpp could not restore a saved prompt prefix (no free KV slot, or "
+                              "a state from another model or context); load with a larger n_ctx")
 
     def _prefill(self, seq: int, tokens: tuple[int, ...], evaluated) -> int:
         """Put `tokens` into sequence `seq`, copying the longest prefix already cached. Returns tokens evaluated."""
@@ -638,14 +751,19 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def _prompt_cells(requests: Sequence[Request]) -> int:
-    """Cells the distinct prompts occupy when each reuses its longest prefix with an earlier one."""
+    """Cells the prompts occupy: a cacheable prefix is shared only with requests of the same
+    prefix; a prompt without one reuses its longest prefix with an earlier prompt."""
     seen: list[tuple[int, ...]] = []
+    prefixes: set[tuple[int, ...]] = set()
     total = 0
     for r in requests:
-        if r.tokens in seen:
-            continue
-        shared = max((_common_prefix(r.tokens, s) for s in seen), default=0)
-        total += len(r.tokens) - min(shared, len(r.tokens) - 1)
+        if r.prefix_len:
+            prefix = r.tokens[:r.prefix_len]
+            total += len(r.tokens) - (r.prefix_len if prefix in prefixes else 0)
+            prefixes.add(prefix)
+        else:
+            shared = max((_common_prefix(r.tokens, s) for s in seen), default=0)
+            total += len(r.tokens) - min(shared, len(r.tokens) - 1)
         seen.append(r.tokens)
     return total
 

@@ -62,6 +62,11 @@ class ClosedError(EngineError):
     """A call on a Scorer or engine after `close()`; open a new one."""
 
 
+class CacheFileError(PgenrmError):
+    """A prompt-cache file is truncated, corrupted or written for another key (model, template,
+    prefix, llama.cpp build); it is never loaded, and the prefix is evaluated and saved again."""
+
+
 class EmbedderError(PgenrmError, RuntimeError):
     """The ONNX sentence embedder could not be loaded or run."""
 

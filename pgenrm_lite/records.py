@@ -184,6 +184,12 @@ class Timing(_Record):
     n_prompt_tokens: int = 0  # evaluated; a prefix shared by several prompts counts once
     n_generated_tokens: int = 0
     n_groups: int = 0  # decoding groups; >1 when the samples did not fit the context together
+    # Prompt-prefix cache (system messages): prompt tokens restored instead of evaluated, and
+    # distinct prefixes restored (hits), evaluated (misses), entries evicted during the call.
+    n_cached_tokens: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_evicted: int = 0
 
 
 class CompareResult(_Record):

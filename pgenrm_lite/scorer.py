@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 from . import contracts, protocol, scaling
 from .bundle import Bundle
 from .engine import Engine, Request, SamplingParams
+from .prefix_cache import DEFAULT_DISK_MB, DEFAULT_MEMORY_MB, PrefixCache
 from .errors import ChainParseError, ClosedError, ConfigError, ContextOverflowError
 from .records import (MAX_SEED, CompareResult, Confidence, EvaluationChain, LevelConfidence, NeighborScore,
                       Sample, Timing, UserProfile)
@@ -37,6 +38,7 @@ class _Prepared:
     messages: dict[bool, list[dict]]  # swapped -> the chat messages those tokens render
     history_shown: int
     policy: tuple[str, ...]
+    prefix_len: int = 0  # tokens both orders share up to a control token (the system message): cacheable
 
 
 @dataclass
@@ -65,9 +67,15 @@ class Scorer:
                  max_criteria: int = protocol.DEFAULT_MAX_CRITERIA, expected_scores: bool = False,
                  history_order: Optional[str] = None, candidate_order: Optional[str] = None,
                  min_confidence: Optional[float] = None,
+                 prefix_cache_mb: float = DEFAULT_MEMORY_MB, prefix_cache_dir: str | os.PathLike | None = None,
+                 prefix_cache_disk_mb: float = DEFAULT_DISK_MB,
                  template=None, prototypes=None, bundle: Bundle | None = None):
         """Options left as None take the output contract's defaults (see `contracts.CONTRACTS`):
-        the template names its contract, structured (the default) or official."""
+        the template names its contract, structured (the default) or official.
+
+        The prompt-prefix cache keeps the evaluated system messages (template + shown history)
+        of recent users, up to `prefix_cache_mb` in memory (0: none) and, with
+        `prefix_cache_dir`, on disk up to `prefix_cache_disk_mb`; results do not depend on it."""
         _check_counts(n_samples, n_neighbors)
         seed = check_seed(seed)
         if n_neighbors > 0 and prototypes is None:
@@ -113,6 +121,8 @@ class Scorer:
                                   f"{need} tokens); raise max_tokens or lower analysis_chars / max_criteria")
         self.params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, min_p=min_p,
                                      grammar=grammar, digit_probs=self.expected_scores)
+        self.prefix_cache = PrefixCache(prefix_cache_mb, prefix_cache_dir, prefix_cache_disk_mb)
+        engine.prefix_cache = self.prefix_cache
         self._lock = threading.Lock()
         self._closed = False
         self._personas: dict[str, str] = {}
@@ -138,8 +148,10 @@ class Scorer:
         max_tokens = options.get("max_tokens") or options["template"].output_contract.max_tokens
         if chat_template is None:
             chat_template = bundle.chat_template()
+        llm_entry = next((f for f in bundle.manifest.files if f.path == bundle.manifest.llm.file), None)
         engine = Engine(bundle.llm_path, n_ctx=n_ctx or _auto_n_ctx(n_samples + n_neighbors, max_tokens),
-                        n_threads=n_threads, device=device, chat_template=_template_text(chat_template))
+                        n_threads=n_threads, device=device, chat_template=_template_text(chat_template),
+                        model_id=f"{llm_entry.sha256}:{llm_entry.size}" if llm_entry else None)
         try:
             prototypes = None
             if n_neighbors > 0 and bundle.manifest.prototypes is not None:
@@ -337,7 +349,9 @@ class Scorer:
                 prepared[key] = self._prepare(job.owner, prompt, responses[job.pair[0]],
                                               responses[job.pair[1]], seed)
             by_tokens.setdefault(prepared[key].tokens[job.swapped], []).append(idx)
-        requests = [Request(tokens, tuple(jobs[i].seed for i in idxs)) for tokens, idxs in by_tokens.items()]
+        prefix_len = {prep.tokens[swapped]: prep.prefix_len for prep in prepared.values() for swapped in prep.tokens}
+        requests = [Request(tokens, tuple(jobs[i].seed for i in idxs), prefix_len[tokens])
+                    for tokens, idxs in by_tokens.items()]
         completions, stats = self.engine.generate(requests, self.params)
         outputs: list = [None] * len(jobs)
         for idxs, comps in zip(by_tokens.values(), completions):
@@ -378,7 +392,8 @@ class Scorer:
                 if max_chars is not None:
                     policy.append(f"shortened texts longer than {max_chars} characters (marked "
                                   "'[...truncated N characters]')")
-                return _Prepared(tokens=tokens, messages=messages, history_shown=n_pairs, policy=tuple(policy))
+                return _Prepared(tokens=tokens, messages=messages, history_shown=n_pairs, policy=tuple(policy),
+                                 prefix_len=self.engine.cacheable_prefix(tokens[False], tokens[True]))
         raise ContextOverflowError(
             f"even with {min_pairs} history pair(s) and every text shortened to {SHORTEN_STEPS[-1]} "
             f"characters the prompt takes {longest} tokens, and with max_tokens={self.params.max_tokens} "
@@ -483,7 +498,9 @@ class Scorer:
             context_policy=policy, notes=list(notes) + (stats.notes if stats else []),
             timing=Timing(prompt_s=stats.prompt_s, decode_s=stats.decode_s, total_s=total,
                           n_prompt_tokens=stats.n_prompt_tokens, n_generated_tokens=stats.n_generated_tokens,
-                          n_groups=stats.n_groups) if stats else Timing(total_s=total))
+                          n_groups=stats.n_groups, n_cached_tokens=stats.n_cached_tokens,
+                          cache_hits=stats.cache_hits, cache_misses=stats.cache_misses,
+                          cache_evicted=stats.cache_evicted) if stats else Timing(total_s=total))
 
 
 def _confidence(samples: list[Sample], *, with_prototype: bool) -> Confidence:
@@ -507,6 +524,10 @@ def _add_stats(a, b):
     a.n_prompt_tokens += b.n_prompt_tokens
     a.n_generated_tokens += b.n_generated_tokens
     a.n_groups += b.n_groups
+    a.n_cached_tokens += b.n_cached_tokens
+    a.cache_hits += b.cache_hits
+    a.cache_misses += b.cache_misses
+    a.cache_evicted += b.cache_evicted
     a.notes.extend(b.notes)
     return a
 

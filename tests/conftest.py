@@ -161,6 +161,9 @@ class FakeEngine:
         text = "".join(t for t, _ in self._chat.render_parts(messages))
         return tuple(ord(c) % 251 for c in text[::4]) or (0,)
 
+    def cacheable_prefix(self, a, b) -> int:
+        return 0  # no control tokens in the fake vocabulary
+
     def generate(self, requests, params):
         from pgenrm_lite.engine import Completion, GenerationStats
 

@@ -1,0 +1,235 @@
+"""The prompt-prefix cache on real SmolLM2 (llama.cpp): a cold, warm, reordered, evicting or
+disk-backed cache gives bitwise the same logits and results as no cache; damaged files are
+refused and rebuilt; threads share one cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from pgenrm_lite import Preference, Scorer, UserProfile, protocol
+from pgenrm_lite.engine import Engine, Request, SamplingParams
+from pgenrm_lite.errors import CacheFileError
+from pgenrm_lite.prefix_cache import HEADER, PrefixCache, cache_key, read_file_payload
+
+ALICE = UserProfile(user_id="alice", history=[
+    Preference(prompt="How do I sort a list in Python?", chosen="Use sorted(items).",
+               rejected="Sorting is a fundamental concept with a long history."),
+    Preference(prompt="Write a haiku about autumn.", chosen="Crimson leaves drifting.",
+               rejected="Autumn is a season. Leaves fall."),
+    Preference(prompt="Weather in Paris?", chosen="12 C and rain.", rejected="Paris is in France."),
+])
+BOB = UserProfile(user_id="bob", history=[
+    Preference(prompt="Explain recursion.", chosen="A function that calls itself, with a base case and an "
+               "example in Python, step by step, showing the call stack.", rejected="Recursion is recursion."),
+    Preference(prompt="Best way to learn French?", chosen="Daily practice with native speakers, podcasts, "
+               "and spaced repetition of vocabulary.", rejected="Just go to France."),
+])
+PROMPT = "How do I reverse a string in Python?"
+A, B = "Use s[::-1].", "Strings are sequences of characters and reversing is an interesting topic."
+SHORT = SamplingParams(max_tokens=6, temperature=1.0)  # unconstrained: a few tokens, logits compared
+
+
+def _requests(engine: Engine, users) -> list[Request]:
+    """Both candidate orders for each user: requests sharing a prefix, and requests that do not."""
+    out = []
+    for k, user in enumerate(users):
+        toks = [engine.chat_tokens(protocol.render_messages(user, PROMPT, r1, r2)) for r1, r2 in ((A, B), (B, A))]
+        p = engine.cacheable_prefix(toks[0], toks[1])
+        assert 0 < p < min(map(len, toks))
+        out += [Request(toks[0], (10 * k + 1, 10 * k + 2), p), Request(toks[1], (10 * k + 3,), p)]
+    return out
+
+
+def _run(engine: Engine, requests: list[Request]):
+    """Completions, every logits row sampled from (hashed), and the call's stats."""
+    seen: list[str] = []
+    real = Engine._sample
+
+    def watching(self, s, row):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,))
+        seen.append(f"{s.seed}:{len(s.tokens)}:{hashlib.sha256(logits.tobytes()).hexdigest()}")
+        return real(self, s, row)
+
+    engine._sample = watching.__get__(engine)
+    try:
+        completions, stats = engine.generate(requests, SHORT)
+    finally:
+        del engine._sample
+    return [[(c.text, c.seed) for c in row] for row in completions], sorted(seen), stats
+
+
+def _engine(bundle, kv_unified: bool) -> Engine:
+    from pgenrm_lite.bundle import Bundle
+
+    return Engine(Bundle.open(bundle).llm_path, n_ctx=8192, n_threads=2, device="cpu", n_seq_max=8,
+                  kv_unified=kv_unified, model_id="smollm2-test")
+
+
+@pytest.fixture(scope="module")
+def engine(default_bundle):
+    with _engine(default_bundle, True) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def split_engine(default_bundle):
+    with _engine(default_bundle, False) as eng:
+        yield eng
+
+
+@pytest.mark.parametrize("kv", ["unified", "split"])
+def test_cold_warm_reordered_and_evicting_caches_give_bitwise_the_same_logits(kv, request):
+    engine = request.getfixturevalue("engine" if kv == "unified" else "split_engine")
+    requests = _requests(engine, [ALICE, BOB])
+    engine.prefix_cache = PrefixCache(0)  # no cache: the reference
+    ref_out, ref_logits, ref_stats = _run(engine, requests)
+    assert ref_stats.cache_misses == 2 and ref_stats.cache_hits == 0
+    assert len(ref_logits) >= 6 and len(set(ref_logits)) > 1
+
+    engine.prefix_cache = cache = PrefixCache(64)
+    cold = _run(engine, requests)
+    warm = _run(engine, requests)
+    assert (cold[0], cold[1]) == (ref_out, ref_logits) == (warm[0], warm[1])
+    assert (cold[2].cache_misses, warm[2].cache_hits, warm[2].cache_misses) == (2, 2, 0)
+    # Warm: only the text after the system messages is evaluated.
+    assert warm[2].n_prompt_tokens + warm[2].n_cached_tokens == cold[2].n_prompt_tokens
+    assert warm[2].n_prompt_tokens < 0.4 * cold[2].n_prompt_tokens
+
+    # Filled by other calls, in another order (bob alone, then alice alone), then used together.
+    engine.prefix_cache = PrefixCache(64)
+    _run(engine, requests[2:])
+    _run(engine, requests[:2])
+    assert _run(engine, requests)[:2] == (ref_out, ref_logits)
+
+    # A budget that holds one prefix: every call evicts, results stay the same.
+    one = len(cache.get(cache_key(*engine.cache_scope(), requests[0].tokens[:requests[0].prefix_len])))
+    engine.prefix_cache = tiny = PrefixCache(1.5 * one / (1 << 20))
+    for users in ([ALICE], [BOB], [ALICE]):
+        reqs = _requests(engine, users)
+        _run(engine, reqs)
+    assert tiny.snapshot().evicted == 2 and tiny.snapshot().entries == 1
+    out, logits, stats = _run(engine, requests)
+    assert (out, logits) == (ref_out, ref_logits) and stats.cache_evicted >= 1
+
+
+def test_disk_cache_survives_a_restart_and_refuses_damaged_or_foreign_files(engine, tmp_path):
+    requests = _requests(engine, [ALICE])
+    engine.prefix_cache = PrefixCache(0)
+    ref = _run(engine, requests)[:2]
+    engine.prefix_cache = PrefixCache(64, tmp_path)
+    assert _run(engine, requests)[:2] == ref
+    key = cache_key(*engine.cache_scope(), requests[0].tokens[:requests[0].prefix_len])
+    path = engine.prefix_cache.path(key)
+    good = path.read_bytes()
+    assert read_file_payload(good, key)
+
+    def restart_and_run():  # a new process: nothing in memory, the directory as left
+        engine.prefix_cache = PrefixCache(64, tmp_path)
+        out = _run(engine, requests)
+        return out[:2], out[2], engine.prefix_cache.snapshot()
+
+    out, stats, snap = restart_and_run()
+    assert out == ref and (stats.cache_hits, snap.disk_hits, snap.disk_rejected) == (1, 1, 0)
+
+    # A file written under another model's key, moved to this key's name.
+    other = Engine.__new__(Engine)
+    other._cache_scope = ("another-model",) + engine.cache_scope()[1:]
+    other_key = cache_key(*other._cache_scope, requests[0].tokens[:requests[0].prefix_len])
+    foreign = HEADER.pack(good[:8], 1, other_key, *HEADER.unpack_from(good)[3:]) + good[HEADER.size:]
+    damaged = {
+        "truncated": good[: len(good) // 2],
+        "corrupted": good[:-100] + bytes([good[-100] ^ 1]) + good[-99:],
+        "foreign": foreign,
+        "not a cache file": b"GGUF" + good[4:],
+    }
+    for what, blob in damaged.items():
+        with pytest.raises(CacheFileError):
+            read_file_payload(blob, key)
+        path.write_bytes(blob)
+        out, stats, snap = restart_and_run()
+        assert out == ref, what
+        assert (stats.cache_misses, snap.disk_rejected, snap.disk_written) == (1, 1, 1), what
+        assert path.read_bytes() == good, what  # rebuilt: the same bytes again
+
+
+def test_disk_cache_keeps_within_its_size_cap(tmp_path):
+    one = 1 << 20
+    cache = PrefixCache(0, tmp_path, disk_mb=2.5)
+    for i in range(4):
+        cache.put(cache_key("k", i), bytes([i]) * one)
+    files = sorted(p.name for p in tmp_path.glob("*.pfx"))
+    assert len(files) == 2 and cache.get(cache_key("k", 3)) == bytes([3]) * one
+    assert cache.get(cache_key("k", 0)) is None  # the oldest went first
+
+
+def test_memory_cache_is_lru_within_budget_and_thread_safe():
+    cache = PrefixCache(3 / 1024)  # 3 KiB: three 1 KiB entries
+    for i in range(3):
+        cache.put(cache_key(i), bytes(1024))
+    assert cache.get(cache_key(0)) is not None  # 0 is now the most recent
+    cache.put(cache_key(3), bytes(1024))
+    assert cache.get(cache_key(1)) is None and cache.get(cache_key(0)) is not None
+    errors = []
+
+    def hammer(t):
+        try:
+            for i in range(2000):
+                k = cache_key(t, i % 7)
+                if cache.get(k) is None:
+                    cache.put(k, bytes(256 + t))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    snap = cache.snapshot()
+    assert not errors and snap.bytes <= 3 * 1024
+    assert snap.bytes == sum(len(v) for v in cache._entries.values()) and snap.entries == len(cache._entries)
+    assert snap.hits + snap.misses == 4 * 2000 + 3
+
+
+FAST = dict(max_tokens=130, analysis_chars=(10, 80), max_criteria=1, n_threads=2, device="cpu")
+
+
+def test_scorer_compare_and_score_with_neighbours_cold_warm_and_threaded(default_bundle):
+    with Scorer.from_bundle(default_bundle, n_samples=1, n_neighbors=2, prefix_cache_mb=0, **FAST) as plain:
+        ref = plain.compare(ALICE, PROMPT, A, B, seed=5)
+        ref_scores = plain.score(ALICE, PROMPT, [A, B, "Reverse it."], seed=5)
+    kinds = [s.kind for s in ref.samples]
+    assert kinds.count("neighbor") == 2 and ref.timing.cache_hits == 0
+    with Scorer.from_bundle(default_bundle, n_samples=1, n_neighbors=2, **FAST) as scorer:
+        cold = scorer.compare(ALICE, PROMPT, A, B, seed=5)
+        warm = scorer.compare(ALICE, PROMPT, A, B, seed=5)
+        n_prefixes = cold.timing.cache_misses
+        assert n_prefixes == 1 + len({s.user_id for s in ref.samples if s.kind == "neighbor"})
+        assert warm.timing.cache_hits == n_prefixes and warm.timing.cache_misses == 0
+        assert warm.timing.n_prompt_tokens <= 0.25 * cold.timing.n_prompt_tokens
+        for res in (cold, warm):
+            assert res.model_dump(exclude={"timing"}) == ref.model_dump(exclude={"timing"})
+        assert scorer.score(ALICE, PROMPT, [A, B, "Reverse it."], seed=5) == ref_scores
+        # Threads share the scorer's cache: the same results, and every lookup counted once.
+        results = {}
+        before = scorer.prefix_cache.snapshot()
+
+        def work(seed):
+            results[seed] = scorer.compare(ALICE if seed % 2 else BOB, PROMPT, A, B, seed=5)
+
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        assert results[1].model_dump(exclude={"timing"}) == ref.model_dump(exclude={"timing"})
+        assert results[0].model_dump(exclude={"timing"}) == results[2].model_dump(exclude={"timing"})
+        after = scorer.prefix_cache.snapshot()
+        lookups = sum(r.timing.cache_hits + r.timing.cache_misses for r in results.values())
+        assert (after.hits + after.misses) - (before.hits + before.misses) == lookups
