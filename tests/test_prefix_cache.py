@@ -107,6 +107,8 @@ def test_cold_warm_reordered_and_evicting_caches_give_bitwise_the_same_logits(kv
     _run(engine, requests[:2])
     assert _run(engine, requests)[:2] == (ref_out, ref_logits)
 
+    if kv == "split":
+        return  # eviction is the cache's bookkeeping, checked once
     # A budget that holds one prefix: every call evicts, results stay the same.
     one = len(cache.get(cache_key(*engine.cache_scope(), requests[0].tokens[:requests[0].prefix_len])))
     engine.prefix_cache = tiny = PrefixCache(1.5 * one / (1 << 20))
@@ -120,10 +122,8 @@ def test_cold_warm_reordered_and_evicting_caches_give_bitwise_the_same_logits(kv
 
 def test_disk_cache_survives_a_restart_and_refuses_damaged_or_foreign_files(engine, tmp_path):
     requests = _requests(engine, [ALICE])
-    engine.prefix_cache = PrefixCache(0)
-    ref = _run(engine, requests)[:2]
     engine.prefix_cache = PrefixCache(64, tmp_path)
-    assert _run(engine, requests)[:2] == ref
+    ref = _run(engine, requests)[:2]
     key = cache_key(*engine.cache_scope(), requests[0].tokens[:requests[0].prefix_len])
     path = engine.prefix_cache.path(key)
     good = path.read_bytes()
@@ -151,7 +151,8 @@ def test_disk_cache_survives_a_restart_and_refuses_damaged_or_foreign_files(engi
     for what, blob in damaged.items():
         with pytest.raises(CacheFileError):
             read_file_payload(blob, key)
-        path.write_bytes(blob)
+    for what in ("truncated", "corrupted", "foreign"):
+        path.write_bytes(damaged[what])
         out, stats, snap = restart_and_run()
         assert out == ref, what
         assert (stats.cache_misses, snap.disk_rejected, snap.disk_written) == (1, 1, 1), what
@@ -197,39 +198,35 @@ def test_memory_cache_is_lru_within_budget_and_thread_safe():
     assert snap.hits + snap.misses == 4 * 2000 + 3
 
 
-FAST = dict(max_tokens=130, analysis_chars=(10, 80), max_criteria=1, n_threads=2, device="cpu")
+FAST = dict(max_tokens=117, analysis_chars=(10, 40), max_criteria=1, n_threads=2, device="cpu")
 
 
 def test_scorer_compare_and_score_with_neighbours_cold_warm_and_threaded(default_bundle):
-    with Scorer.from_bundle(default_bundle, n_samples=1, n_neighbors=2, prefix_cache_mb=0, **FAST) as plain:
-        ref = plain.compare(ALICE, PROMPT, A, B, seed=5)
-        ref_scores = plain.score(ALICE, PROMPT, [A, B, "Reverse it."], seed=5)
-    kinds = [s.kind for s in ref.samples]
-    assert kinds.count("neighbor") == 2 and ref.timing.cache_hits == 0
-    with Scorer.from_bundle(default_bundle, n_samples=1, n_neighbors=2, **FAST) as scorer:
+    with Scorer.from_bundle(default_bundle, n_samples=1, n_neighbors=1, **FAST) as scorer:
         cold = scorer.compare(ALICE, PROMPT, A, B, seed=5)
         warm = scorer.compare(ALICE, PROMPT, A, B, seed=5)
-        n_prefixes = cold.timing.cache_misses
-        assert n_prefixes == 1 + len({s.user_id for s in ref.samples if s.kind == "neighbor"})
-        assert warm.timing.cache_hits == n_prefixes and warm.timing.cache_misses == 0
-        assert warm.timing.n_prompt_tokens <= 0.25 * cold.timing.n_prompt_tokens
-        for res in (cold, warm):
-            assert res.model_dump(exclude={"timing"}) == ref.model_dump(exclude={"timing"})
-        assert scorer.score(ALICE, PROMPT, [A, B, "Reverse it."], seed=5) == ref_scores
+        assert [s.kind for s in cold.samples] == ["self", "neighbor"]
+        assert cold.timing.cache_misses == 2 and cold.timing.cache_hits == 0  # own and neighbour prefix
+        assert warm.timing.cache_hits == 2 and warm.timing.cache_misses == 0
+        assert warm.timing.n_prompt_tokens + warm.timing.n_cached_tokens == cold.timing.n_prompt_tokens
+        assert warm.model_dump(exclude={"timing"}) == cold.model_dump(exclude={"timing"})
+        three = [A, B, "Reverse it."]
+        warm_scores = scorer.score(ALICE, PROMPT, three, seed=5)  # three pairs, one user prefix: warm
+        scorer.prefix_cache.clear()
+        assert scorer.score(ALICE, PROMPT, three, seed=5) == warm_scores
         # Threads share the scorer's cache: the same results, and every lookup counted once.
         results = {}
         before = scorer.prefix_cache.snapshot()
 
-        def work(seed):
-            results[seed] = scorer.compare(ALICE if seed % 2 else BOB, PROMPT, A, B, seed=5)
+        def work(user):
+            results[user.user_id] = scorer.compare(user, PROMPT, A, B, seed=5)
 
-        threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+        threads = [threading.Thread(target=work, args=(u,)) for u in (ALICE, BOB)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=600)
-        assert results[1].model_dump(exclude={"timing"}) == ref.model_dump(exclude={"timing"})
-        assert results[0].model_dump(exclude={"timing"}) == results[2].model_dump(exclude={"timing"})
+        assert results["alice"].model_dump(exclude={"timing"}) == cold.model_dump(exclude={"timing"})
         after = scorer.prefix_cache.snapshot()
         lookups = sum(r.timing.cache_hits + r.timing.cache_misses for r in results.values())
         assert (after.hits + after.misses) - (before.hits + before.misses) == lookups
