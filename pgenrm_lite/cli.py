@@ -84,7 +84,7 @@ def _open_scorer(args, **overrides):
                           "or pass --bundle DIR")
     options: dict[str, Any] = {}
     for name in ("max_tokens", "temperature", "expected_scores", "candidate_order", "chat_template",
-                 "min_confidence"):
+                 "min_confidence", "prefix_cache_mb", "prefix_cache_dir", "prefix_cache_disk_mb"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     options.update(overrides)
@@ -329,6 +329,7 @@ def cmd_doctor(args) -> int:
             return None
 
     from . import diagnostics
+    from .prefix_cache import DEFAULT_DISK_MB, DEFAULT_MEMORY_MB, describe_directory
 
     system_info = diagnostics.system_info()
     features = diagnostics.build_features(system_info)
@@ -349,6 +350,9 @@ def cmd_doctor(args) -> int:
         "default_bundle": str(default_bundle_dir()),
         "default_bundle_present": (default_bundle_dir() / "manifest.json").is_file(),
         "bundle": str(bundle),
+        "prefix_cache": {"memory_mb_default": DEFAULT_MEMORY_MB, "disk_mb_default": DEFAULT_DISK_MB,
+                         **(describe_directory(args.prefix_cache_dir) if args.prefix_cache_dir
+                            else {"dir": "off (--prefix-cache-dir DIR to inspect one)"})},
     }
     if args.no_decode_check:
         info["decode_check"] = {"ok": None, "message": "skipped (--no-decode-check)"}
@@ -376,6 +380,12 @@ def cmd_doctor(args) -> int:
             print(f"llama_cpp_build: {' '.join(on) or 'no CPU features reported'}; AMX kernels "
                   f"{'built' if value['amx_kernels_built'] else 'not built'} (CPU "
                   f"{'advertises' if value['cpu_advertises_amx'] else 'does not advertise'} AMX)")
+            continue
+        if key == "prefix_cache":
+            disk = (f"{value['files']} file(s), {value['mb']} MB, {value['sound_headers']} with a sound header, in "
+                    f"{value['dir']}" if "files" in value else value["dir"])
+            print(f"prefix_cache: memory {value['memory_mb_default']:g} MB by default; disk {disk} "
+                  f"(cap {value['disk_mb_default']:g} MB by default)")
             continue
         if key == "decode_check":
             print(f"decode_check: {'ok' if value.get('ok') else 'FAILED' if value.get('ok') is False else 'not run'}"
@@ -444,6 +454,13 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
                    help="draw the candidates' order per sample (default) or once per pair (the official pipeline)")
     p.add_argument("--chat-template", metavar="FILE.jinja", default=None,
                    help="a chat template that replaces the bundle's and the model file's own")
+    p.add_argument("--prefix-cache-mb", type=float, default=None, metavar="MB",
+                   help="memory for evaluated system messages reused across calls (default 256; 0: off); "
+                        "results are the same either way")
+    p.add_argument("--prefix-cache-dir", default=None, metavar="DIR",
+                   help="also keep them on disk in DIR, for the next process (off by default)")
+    p.add_argument("--prefix-cache-disk-mb", type=float, default=None, metavar="MB",
+                   help="size cap of --prefix-cache-dir (default 2048); least recently used files go first")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -517,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", help="bundle whose model the decode check loads (default: the default bundle)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the decode check")
     p.add_argument("--no-decode-check", action="store_true", help="skip the one-token decode in a child process")
+    p.add_argument("--prefix-cache-dir", default=None, metavar="DIR", help="report the prompt-cache files in DIR")
     p.set_defaults(func=cmd_doctor)
     return parser
 

@@ -224,3 +224,22 @@ def read_file_payload(blob: bytes, key: bytes) -> bytes:
     if hashlib.sha256(payload).digest() != digest:
         raise CacheFileError("prompt-cache file is corrupted (payload checksum differs)")
     return payload
+
+
+def describe_directory(directory: str | os.PathLike) -> dict:
+    """Files, bytes and how many files have a sound header and length (payloads are checked on use)."""
+    directory = Path(directory).expanduser()
+    files = sound = total = 0
+    for p in directory.glob("*" + SUFFIX) if directory.is_dir() else ():
+        try:
+            size = p.stat().st_size
+            with open(p, "rb") as fh:
+                head = fh.read(HEADER.size)
+        except OSError:
+            continue
+        files += 1
+        total += size
+        if len(head) == HEADER.size:
+            magic, version, _, n, _ = HEADER.unpack(head)
+            sound += magic == MAGIC and version == FORMAT_VERSION and n + HEADER.size == size
+    return {"dir": str(directory), "files": files, "mb": round(total / (1 << 20), 1), "sound_headers": sound}

@@ -534,7 +534,7 @@ def _add_stats(a, b):
 
 _TUNABLE = ("max_tokens", "temperature", "top_p", "min_p", "history_pairs", "c_self", "c_nb",
             "analysis_chars", "rationale_chars", "max_criteria", "expected_scores", "constrained",
-            "history_order", "candidate_order", "min_confidence")
+            "history_order", "candidate_order", "min_confidence", "prefix_cache_mb")
 _INT_OPTIONS = ("max_tokens", "history_pairs", "max_criteria", "rationale_chars")
 _STR_OPTIONS = ("history_order", "candidate_order")
 
