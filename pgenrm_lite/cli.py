@@ -304,6 +304,27 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_forget(args) -> int:
+    from .bundle import Bundle
+    from .prototypes import PrototypeIndex, forget_persona_checkpoint
+
+    bundle = Bundle.open(args.bundle, verify="size")
+    if bundle.manifest.prototypes is None:
+        removed = 0
+        forget_persona_checkpoint(bundle.root, args.user_id)
+    else:
+        with PrototypeIndex.load(bundle) as index:  # no embedder: removal needs no query
+            removed = index.remove_user(args.user_id)
+            left = index.n_members
+    if args.json:
+        _emit_json({"user_id": args.user_id, "bundle": str(bundle.root), "members_removed": removed})
+    elif removed:
+        print(f"forgot {args.user_id}: {removed} member record(s) removed; {left} member(s) left in {bundle.root}")
+    else:
+        print(f"{args.user_id} is not a prototype member of {bundle.root}; nothing to remove")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from .bundle import Bundle
 
@@ -506,6 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, model=False)
     p.add_argument("--bundle", help="bundle directory (default: the embedded default bundle)")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("forget", help="remove a user from a bundle's prototype members (atomically)")
+    _common(p, model=False)
+    p.add_argument("user_id")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle directory whose prototype index to update")
+    p.set_defaults(func=cmd_forget)
 
     p = sub.add_parser("verify", help="check every bundle file against its sha256")
     _common(p, model=False)

@@ -277,16 +277,7 @@ class Scorer:
         built from history text) the history text itself. Returns the member's prototype.
         """
         _check_user(profile)
-        with self._open_call():
-            if self.prototypes is None and self.bundle is not None and self.bundle.manifest.prototypes:
-                from .prototypes import PrototypeIndex
-
-                # Loaded on first use: a scorer with n_neighbors=0 need not hold the embedder otherwise.
-                self.prototypes = PrototypeIndex.from_bundle(self.bundle, device=self.engine.device,
-                                                             n_threads=self.engine.n_threads)
-        if self.prototypes is None:
-            raise ConfigError("this scorer has no prototype index: load a bundle built with "
-                              "`python -m export prototypes` to add users")
+        self._require_prototypes("add users")
         persona_text = persona_text or profile.persona
         if persona_text is None:
             if self.prototypes.persona_source != "history":
@@ -296,7 +287,31 @@ class Scorer:
         with self._open_call():
             return self.prototypes.add_user(profile, persona_text)
 
+    def remove_user(self, user_id: str) -> int:
+        """Forget a user on this device: their prototype members go from the bundle's index (atomically,
+        old files deleted) and from the persona checkpoint beside it, and this scorer drops its cached
+        persona for them. Returns how many member records were removed (0: they were not a member)."""
+        if not isinstance(user_id, str) or not user_id:
+            raise ConfigError(f"user_id must be a non-empty string, got {user_id!r}")
+        if self.bundle is not None and self.bundle.manifest.prototypes is not None:
+            self._require_prototypes("forget users")
+        with self._open_call():
+            self._personas.pop(user_id, None)
+            return 0 if self.prototypes is None else self.prototypes.remove_user(user_id)
+
     # -- internals ---------------------------------------------------------------------
+
+    def _require_prototypes(self, what: str) -> None:
+        with self._open_call():
+            if self.prototypes is None and self.bundle is not None and self.bundle.manifest.prototypes:
+                from .prototypes import PrototypeIndex
+
+                # Loaded on first use: a scorer with n_neighbors=0 need not hold the embedder otherwise.
+                self.prototypes = PrototypeIndex.from_bundle(self.bundle, device=self.engine.device,
+                                                             n_threads=self.engine.n_threads)
+        if self.prototypes is None:
+            raise ConfigError(f"this scorer has no prototype index: load a bundle built with "
+                              f"`python -m export prototypes` to {what}")
 
     def _compare_pairs(self, user: UserProfile, prompt: str, responses: list[str],
                        pairs: list[tuple[int, int]], seed: int) -> list[CompareResult]:
