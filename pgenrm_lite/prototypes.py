@@ -326,6 +326,44 @@ def write_generation(root: Path, manifest: Manifest, *, centroids: hnswlib.Index
     return new_manifest
 
 
+def _fresh_hnsw(vectors: np.ndarray, *, dimension: int, seed: int, ef: int) -> hnswlib.Index:
+    """`build_hnsw`, also for zero vectors (an index whose last member was removed)."""
+    if len(vectors):
+        return build_hnsw(vectors, seed=seed, ef=ef, capacity=len(vectors) + 16)
+    index = hnswlib.Index(space="cosine", dim=dimension)
+    index.init_index(max_elements=16, ef_construction=HNSW_EF_CONSTRUCTION, M=HNSW_M, random_seed=seed)
+    index.set_ef(ef)
+    return index
+
+
+def persona_checkpoint_path(bundle_dir: Path) -> Path:
+    """Where `python -m export prototypes --persona-source llm` keeps finished personas: beside
+    the bundle (never inside it, so the bundle's files and checksums do not change while it runs)."""
+    bundle_dir = Path(bundle_dir).resolve()
+    return bundle_dir.with_name(bundle_dir.name + ".personas.jsonl")
+
+
+def forget_persona_checkpoint(bundle_dir: Path, user_id: str) -> int:
+    """Rewrite the persona checkpoint without `user_id`'s entries (atomically); return how many went."""
+    path = persona_checkpoint_path(bundle_dir)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_bytes().splitlines():
+        try:
+            mine = orjson.loads(line).get("user_id") == user_id
+        except (orjson.JSONDecodeError, AttributeError):
+            mine = False  # a torn line: the builder skips it; keep it rather than guess
+        if mine:
+            dropped += 1
+        else:
+            kept.append(line + b"\n")
+    if dropped:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(b"".join(kept))
+    return dropped
+
+
 def remove_stale_files(root: Path, manifest: Manifest) -> None:
     """Delete prototype files the manifest no longer names (old generations, interrupted writes)."""
     keep = {Path(p).name for p in _info_files(manifest.prototypes)}
@@ -579,6 +617,48 @@ class PrototypeIndex:
                 raise
             self._state = self._with_records(state, self._manifest.prototypes, records, assignments)
             return proto
+
+    def remove_user(self, user_id: str) -> int:
+        """Forget a member: drop every record of `user_id`, rebuild the member index without their
+        vectors, persist atomically, and return how many records were removed (0: not a member).
+
+        The old generation's files are deleted after the switch, so no file of the index holds
+        the user's texts or vectors any more. Centroids are kept: each is the mean of many
+        members and holds no text; `python -m export prototypes` recomputes them.
+        """
+        if not isinstance(user_id, str) or not user_id:
+            raise ConfigError(f"user_id must be a non-empty string, got {user_id!r}")
+        with self._lock, writer_lock(self.root):
+            on_disk = read_manifest(self.root)
+            if on_disk.prototypes != self._manifest.prototypes:  # another process updated it
+                self._state = self._load(on_disk)
+            self._manifest = on_disk
+            state = self._live()
+            keep = [row for row, r in enumerate(state.records) if r.user_id != user_id]
+            removed = len(state.records) - len(keep)
+            if not removed:
+                return 0
+            vectors = (np.asarray(state.members.index.get_items(keep, return_type="numpy"), dtype=np.float32)
+                       if keep else np.zeros((0, state.info.dimension), np.float32))
+            # A fresh graph, not mark_deleted: a deleted element's vector would stay in the file.
+            members = _fresh_hnsw(vectors, dimension=state.info.dimension, seed=state.info.seed,
+                                  ef=state.info.ef)
+            records = [state.records[row] for row in keep]
+            assignments = state.assignments[keep]
+            try:
+                self._manifest = write_generation(
+                    self.root, on_disk, centroids=state.centroids.index, members=members, records=records,
+                    assignments=assignments, ef=state.info.ef, persona_source=state.info.persona_source,
+                    members_carry=state.info.members_carry, seed=state.info.seed)
+            except BaseException:
+                self._state = self._load(read_manifest(self.root))
+                raise
+            members.set_num_threads(self._n_threads)
+            space = _Space(members, brute_force_below=self._brute_force_below)
+            live = _State(state.info, state.centroids, space, [], np.zeros(0, np.int32), {}, [])
+            self._state = self._with_records(live, self._manifest.prototypes, records, assignments)
+            forget_persona_checkpoint(self.root, user_id)
+            return removed
 
     def close(self) -> None:
         with self._lock:
