@@ -69,7 +69,7 @@ def run_calls(bundle: str, m: int, n: int, calls: list[tuple], cache: dict, job:
                                 seed=job["seed"], **cache, **job["options"])
     load_s = time.perf_counter() - t0
     out = {"calls": len(calls), "prompt_tokens": 0, "cached_tokens": 0, "hits": 0, "misses": 0, "evicted": 0,
-           "prompt_s": 0.0, "decode_s": 0.0, "generated_tokens": 0, "load_s": load_s, "hashes": []}
+           "prompt_s": 0.0, "decode_s": 0.0, "generated_tokens": 0, "load_s": load_s, "hashes": [], "per_call": []}
     t1 = time.perf_counter()
     for user, prompt, a, b in calls:
         res = scorer.compare(user, prompt, a, b)
@@ -82,6 +82,7 @@ def run_calls(bundle: str, m: int, n: int, calls: list[tuple], cache: dict, job:
         out["prompt_s"] += t.prompt_s
         out["decode_s"] += t.decode_s
         out["generated_tokens"] += t.n_generated_tokens
+        out["per_call"].append((t.n_prompt_tokens, t.cache_misses))
         out["hashes"].append(hashlib.sha256(res.model_dump_json(exclude={"timing"}).encode()).hexdigest()[:16])
     out["wall_s"] = time.perf_counter() - t1
     snap = scorer.prefix_cache.snapshot()
@@ -104,7 +105,7 @@ def measure(label: str, bundle: str, m: int, n: int, calls: list, cache: dict, j
         print(f"  {label}: {runs[-1]['wall_s']:.1f} s, {runs[-1]['prompt_tokens']} prompt tokens evaluated",
               file=sys.stderr)
     cell = {k: runs[0][k] for k in ("calls", "prompt_tokens", "cached_tokens", "hits", "misses", "evicted",
-                                    "generated_tokens", "state_bytes_per_prefix", "disk_hits")}
+                                    "generated_tokens", "state_bytes_per_prefix", "disk_hits", "per_call")}
     cell.update(wall_s=median([r["wall_s"] for r in runs]), wall_s_runs=[r["wall_s"] for r in runs],
                 prompt_s=median([r["prompt_s"] for r in runs]), decode_s=median([r["decode_s"] for r in runs]),
                 peak_rss_mb=max(r["peak_rss_mb"] for r in runs), reps=reps,
@@ -165,11 +166,17 @@ def main(argv=None) -> int:
         c["same_results_off_and_on"] = o["hashes"] == w["hashes"]
         c["prompt_tokens_ratio"] = w["prompt_tokens"] / o["prompt_tokens"] if o["prompt_tokens"] else None
         c["wall_ratio"] = w["wall_s"] / o["wall_s"] if o["wall_s"] else None
+        # Warm calls: those the cache served without evaluating any prefix (misses == 0).
+        warm = [i for i, (_, misses) in enumerate(w["per_call"]) if misses == 0]
+        c["warm_calls"] = len(warm)
+        c["warm_prompt_tokens_ratio"] = (sum(w["per_call"][i][0] for i in warm) / sum(o["per_call"][i][0] for i in warm)
+                                         if warm else None)
         rows.append([name, o["calls"], o["prompt_tokens"], w["prompt_tokens"], fmt(c["prompt_tokens_ratio"]),
+                     f"{len(warm)}: {fmt(c['warm_prompt_tokens_ratio'])}",
                      fmt(o["wall_s"], 1), fmt(w["wall_s"], 1), fmt(c["wall_ratio"]), fmt(o["peak_rss_mb"], 0),
                      fmt(w["peak_rss_mb"], 0), f"{w['hits']}/{w['misses']}/{w['evicted']}",
                      "yes" if c["same_results_off_and_on"] else "NO"])
-    print(table(["pattern", "calls", "prompt tok off", "on", "ratio", "wall s off", "on", "ratio", "RSS MB off",
+    print(table(["pattern", "calls", "prompt tok off", "on", "ratio", "warm calls: ratio", "wall s off", "on", "ratio", "RSS MB off",
                  "on", "hit/miss/evict", "same results"], rows))
     print(load_line())
     out = {
