@@ -202,6 +202,7 @@ class Engine:
         self._model_id = model_id
         self._flash_attn = flash_attn
         self._cache_scope: tuple | None = None
+        self._cache_scope_hashed = False
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -440,7 +441,8 @@ class Engine:
         if not p or prefix in states:
             return
         cache = self.prefix_cache
-        key = cache_key(*self.cache_scope(), prefix) if cache is not None and cache.enabled else None
+        key = (cache_key(*self.cache_scope(hash_file=cache.directory is not None), prefix)
+               if cache is not None and cache.enabled else None)
         data = cache.get(key) if key is not None else None
         if data is not None:
             stats.cache_hits += 1
@@ -454,14 +456,22 @@ class Engine:
                 cache.put(key, data)
         states[prefix] = data
 
-    def cache_scope(self) -> tuple:
-        """Everything besides the prefix tokens that decides a saved prefix state's bytes."""
-        if self._cache_scope is None:
+    def cache_scope(self, *, hash_file: bool = True) -> tuple:
+        """Everything besides the prefix tokens that decides a saved prefix state's bytes.
+
+        The model is named by `model_id` when given; else, for keys that outlive this process
+        (`hash_file`), by the file's sha256, and for memory-only keys by its path, size and mtime.
+        """
+        if self._cache_scope is None or (hash_file and not self._cache_scope_hashed):
             model_id = self._model_id
-            if model_id is None:
+            if model_id is None and hash_file:
                 from .bundle import sha256_file
 
                 model_id = sha256_file(Path(self.model_path))
+            elif model_id is None:
+                st = os.stat(self.model_path)
+                model_id = f"{os.path.abspath(self.model_path)}:{st.st_size}:{st.st_mtime_ns}"
+            self._cache_scope_hashed = hash_file or self._model_id is not None
             build = f"{llama_cpp.__version__} {llama_cpp.llama_print_system_info().decode('utf-8', 'replace')}"
             self._cache_scope = (model_id, build, self.device, self.n_ctx, self.n_batch, self.n_seq_max,
                                  self.kv_unified, self._flash_attn, self.n_threads, self.chat_template or "")
@@ -488,7 +498,7 @@ class Engine:
         return bytes(buf)
 
     def _restore(self, data: bytes, seq: int) -> None:
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        buf = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))  # no copy; llama.cpp only reads
         if llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(data), seq) != len(data):
             raise EngineError("llama.cpp could not restore a saved prompt prefix (no free KV slot, or "
                               "a state from another model or context); load with a larger n_ctx")

@@ -230,3 +230,22 @@ def test_scorer_compare_and_score_with_neighbours_cold_warm_and_threaded(default
         after = scorer.prefix_cache.snapshot()
         lookups = sum(r.timing.cache_hits + r.timing.cache_misses for r in results.values())
         assert (after.hits + after.misses) - (before.hits + before.misses) == lookups
+
+
+def test_options_reach_the_engine_and_bad_sizes_are_config_errors(fake_engine, tiny_gguf, tmp_path):
+    from pgenrm_lite.cli import build_parser
+    from pgenrm_lite.errors import ConfigError
+
+    with Scorer.from_gguf(tiny_gguf, prefix_cache_mb=1, prefix_cache_dir=tmp_path / "kv",
+                          prefix_cache_disk_mb=3) as s:
+        cache = s.prefix_cache
+        assert s.engine.prefix_cache is cache and (tmp_path / "kv").is_dir()
+        assert (cache.budget, cache.disk_budget) == (1 << 20, 3 << 20)
+    for bad in (-1, "12", True, float("nan")):
+        with pytest.raises(ConfigError, match="prefix_cache_mb"):
+            Scorer.from_gguf(tiny_gguf, prefix_cache_mb=bad)
+    with pytest.raises(ConfigError, match="cannot be created"):
+        Scorer.from_gguf(tiny_gguf, prefix_cache_dir=tiny_gguf / "kv")  # under a file
+    args = build_parser().parse_args(["compare", "--user", "u.json", "--prompt", "p", "--a", "a", "--b", "b",
+                                      "--prefix-cache-mb", "0", "--prefix-cache-dir", str(tmp_path)])
+    assert (args.prefix_cache_mb, args.prefix_cache_dir) == (0.0, str(tmp_path))
