@@ -1,7 +1,7 @@
 """`python -m export check-quant`: is a quantised judge still the same judge?
 
     python -m export check-quant --reference model-q4_1.gguf --candidate model-q8_0.gguf \
-        --data pairs.jsonl --bundle bundle/ --limit 40 --noise-floor --out report.json
+        --candidate model-q4_0.gguf --data pairs.jsonl --bundle bundle/ --limit 40 --noise-floor --out report.json
 
 Perplexity says how far a quantised model's next-token distributions moved; a reward model
 is judged by its verdicts. Both files judge the same test pairs with the same seeds and the
@@ -22,8 +22,9 @@ once more with the reference and other seeds and reports that agreement beside t
 a candidate that agrees with the reference about as often as the reference agrees with itself
 has lost nothing the sampling does not already lose.
 
-Pass/fail against `--min-agreement`, `--max-score-drift` (mean) and `--max-kl` (mean): exit
-status 0 when all hold, 3 when one fails (1 is an error). `--out` writes the report as JSON.
+Pass/fail per candidate against `--min-agreement`, `--max-score-drift` (mean) and `--max-kl`
+(mean): exit status 0 when every candidate passes, 3 when one fails (1 is an error). `--out`
+writes the report as JSON.
 """
 
 from __future__ import annotations
@@ -135,10 +136,9 @@ def rendered_prompts(model: Path, bundle, users, tests, *, seed: int, threads, o
                               seed=derive_seed(seed, "check-quant", i))[1] for i, row in enumerate(tests)]
 
 
-def verdict_checks(report: dict, args) -> dict:
-    cand, kl = report["candidate_vs_reference"], report.get("next_token")
-    checks = {"agreement": (cand["agreement"], ">=", args.min_agreement),
-              "score_drift_mean": (cand["score_drift_mean"], "<=", args.max_score_drift)}
+def verdict_checks(vs_reference: dict, kl: Optional[dict], args) -> dict:
+    checks = {"agreement": (vs_reference["agreement"], ">=", args.min_agreement),
+              "score_drift_mean": (vs_reference["score_drift_mean"], "<=", args.max_score_drift)}
     if kl is not None:
         checks["mean_kl"] = (kl["mean_kl"], "<=", args.max_kl)
     out = {}
@@ -154,25 +154,29 @@ def check(args) -> dict:
     common = dict(n_samples=args.n_samples, threads=args.threads, overrides=overrides, progress=args.progress)
     t0 = time.monotonic()
     ref = judge_all(args.reference, args.bundle, users, tests, seed=args.seed, label="reference", **common)
-    cand = judge_all(args.candidate, args.bundle, users, tests, seed=args.seed, label="candidate", **common)
     report: dict = {
-        "reference": str(args.reference), "candidate": str(args.candidate), "data": str(args.data),
+        "reference": str(args.reference), "data": str(args.data),
         "bundle": None if args.bundle is None else str(args.bundle), "format": args.format, "pairs": len(tests),
         "seed": args.seed, "n_samples": args.n_samples, "temperature": args.temperature,
-        "candidate_vs_reference": compare_verdicts(ref, cand),
-        "accuracy": {"reference": accuracy(ref), "candidate": accuracy(cand)},
+        "reference_accuracy": accuracy(ref), "candidates": [],
     }
     if args.noise_floor:
         again = judge_all(args.reference, args.bundle, users, tests, seed=args.seed + 1, label="reference again",
                           **common)
-        report["reference_vs_itself"] = compare_verdicts(ref, again)
-        report["accuracy"]["reference_again"] = accuracy(again)
+        report["reference_vs_itself"] = {**compare_verdicts(ref, again), "accuracy": accuracy(again)}
+    prompts = []
     if args.kl_prompts:
         prompts = rendered_prompts(args.reference, args.bundle, users, tests[:args.kl_prompts], seed=args.seed,
                                    threads=args.threads, overrides=overrides)
-        report["next_token"] = next_token_kl(args.reference, args.candidate, prompts, args.threads)
-    report["checks"] = verdict_checks(report, args)
-    report["passed"] = all(c["passed"] for c in report["checks"].values())
+    for path in args.candidate:
+        verdicts = judge_all(path, args.bundle, users, tests, seed=args.seed, label=Path(path).name, **common)
+        entry = {"candidate": str(path), "vs_reference": compare_verdicts(ref, verdicts),
+                 "accuracy": accuracy(verdicts),
+                 "next_token": next_token_kl(args.reference, path, prompts, args.threads) if prompts else None}
+        entry["checks"] = verdict_checks(entry["vs_reference"], entry["next_token"], args)
+        entry["passed"] = all(c["passed"] for c in entry["checks"].values())
+        report["candidates"].append(entry)
+    report["passed"] = all(c["passed"] for c in report["candidates"])
     report["elapsed_s"] = round(time.monotonic() - t0, 1)
     return report
 
@@ -184,34 +188,37 @@ def render(report: dict) -> str:
     def num(x, d=3):
         return "-" if x is None else f"{x:.{d}f}"
 
-    c = report["candidate_vs_reference"]
-    lines = [f"{report['candidate']} against {report['reference']}: {report['pairs']} pairs, seed {report['seed']}, "
-             f"Ind-{report['n_samples']}",
-             f"  verdict agreement      {pct(c['agreement'])} (among pairs both decided: "
-             f"{pct(c['agreement_decided'])} of {c['n_both_decided']})",
-             f"  decision changes       {c['decision_changes']}",
-             f"  score drift (A-B)      mean {num(c['score_drift_mean'])}, max {num(c['score_drift_max'])} "
-             f"over {c['n_both_parsed']} pairs; mean |score change| {num(c['score_change_mean'])}"]
+    temp = "the bundle's" if report["temperature"] is None else report["temperature"]
+    lines = [f"against {report['reference']}: {report['pairs']} pairs, seed {report['seed']}, "
+             f"Ind-{report['n_samples']}, temperature {temp}",
+             f"  reference accuracy (chosen = A): {pct(report['reference_accuracy']['accuracy_all'])}"]
     if "reference_vs_itself" in report:
         f = report["reference_vs_itself"]
-        lines.append(f"  noise floor            the reference against itself (other seeds): agreement "
-                     f"{pct(f['agreement'])}, score drift mean {num(f['score_drift_mean'])}")
-    acc = report["accuracy"]
-    lines.append("  accuracy (chosen = A)  " + ", ".join(f"{k} {pct(v['accuracy_all'])}" for k, v in acc.items()))
-    if "next_token" in report:
-        k = report["next_token"]
-        lines.append(f"  next-token            mean KL {k['mean_kl']:.4f}, p99 KL {k['p99_kl']:.3f}, top-1 agreement "
-                     f"{pct(k['top1_agreement'])} over {k['tokens']} positions of {k['prompts']} prompts")
-    for name, chk in report["checks"].items():
-        lines.append(f"  check {name:<16} {num(chk['value'], 4)} {chk['op']} {chk['limit']}: "
-                     f"{'pass' if chk['passed'] else 'FAIL'}")
+        lines.append(f"  noise floor: the reference against itself (other seeds): agreement {pct(f['agreement'])}, "
+                     f"score drift mean {num(f['score_drift_mean'])}")
+    for entry in report["candidates"]:
+        c, k = entry["vs_reference"], entry["next_token"]
+        lines += [f"{entry['candidate']}:",
+                  f"  verdict agreement      {pct(c['agreement'])} (among pairs both decided: "
+                  f"{pct(c['agreement_decided'])} of {c['n_both_decided']})",
+                  f"  decision changes       {c['decision_changes']}",
+                  f"  score drift (A-B)      mean {num(c['score_drift_mean'])}, max {num(c['score_drift_max'])} "
+                  f"over {c['n_both_parsed']} pairs; mean |score change| {num(c['score_change_mean'])}",
+                  f"  accuracy (chosen = A)  {pct(entry['accuracy']['accuracy_all'])}"]
+        if k is not None:
+            lines.append(f"  next token             mean KL {k['mean_kl']:.4f}, p99 KL {k['p99_kl']:.3f}, top-1 "
+                         f"agreement {pct(k['top1_agreement'])} over {k['tokens']} positions of {k['prompts']} prompts")
+        for name, chk in entry["checks"].items():
+            lines.append(f"  check {name:<16} {num(chk['value'], 4)} {chk['op']} {chk['limit']}: "
+                         f"{'pass' if chk['passed'] else 'FAIL'}")
     lines.append("PASS" if report["passed"] else "FAIL")
     return "\n".join(lines)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", type=Path, required=True, help="the GGUF file whose verdicts are the reference")
-    p.add_argument("--candidate", type=Path, required=True, help="the GGUF file to check (e.g. re-quantised)")
+    p.add_argument("--candidate", type=Path, required=True, action="append",
+                   help="a GGUF file to check (e.g. re-quantised); repeat to check several against one reference run")
     p.add_argument("--data", type=Path, required=True, help="test pairs: PersonalRewardBench rows or the HH file")
     p.add_argument("--format", choices=("prb", "hh"), default="prb")
     p.add_argument("--bundle", type=Path, default=None,
@@ -234,7 +241,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    for path in (args.reference, args.candidate, args.data):
+    for path in (args.reference, *args.candidate, args.data):
         if not Path(path).is_file():
             raise ConfigError(f"{path} does not exist")
     if args.limit < 1 or args.n_samples < 1 or args.kl_prompts < 0:

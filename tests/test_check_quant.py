@@ -37,12 +37,13 @@ def test_check_quant_reports_verdicts_drift_and_kl(default_bundle, q8, hh_file, 
     report = orjson.loads(out.read_bytes())
     assert rc == 0 and report["passed"] and printed.rstrip().endswith("PASS")
     assert report["pairs"] == 2 and report["seed"] == 0 and report["temperature"] == 0
-    c = report["candidate_vs_reference"]
+    (entry,) = report["candidates"]
+    c = entry["vs_reference"]
     assert c["pairs"] == 2 and 0 <= c["agreement"] <= 1 and c["decision_changes"] in (0, 1, 2)
-    kl = report["next_token"]
+    kl = entry["next_token"]
     # Q8_0 from Q4_1 moves the distributions a little, never nothing, never much.
     assert kl["prompts"] == 1 and kl["tokens"] > 500 and 0 < kl["mean_kl"] < 0.05 and kl["top1_agreement"] > 0.8
-    assert set(report["checks"]) == {"agreement", "score_drift_mean", "mean_kl"}
+    assert set(entry["checks"]) == {"agreement", "score_drift_mean", "mean_kl"}
     assert "verdict agreement" in printed and "mean KL" in printed
 
 
@@ -54,12 +55,13 @@ def test_a_failed_threshold_exits_3_and_identical_files_agree_exactly(default_bu
                       "--format", "hh", "--bundle", str(default_bundle), "--limit", "1", "--kl-prompts", "1",
                       "--threads", "2", "--max-score-drift", "-1", "--json"])
     report = orjson.loads(capsys.readouterr().out)
-    assert rc == FAILED and not report["passed"] and not report["checks"]["score_drift_mean"]["passed"]
+    (entry,) = report["candidates"]
+    assert rc == FAILED and not report["passed"] and not entry["checks"]["score_drift_mean"]["passed"]
     # The same file, seeds and settings: the same verdict, no drift, the same distributions.
-    c = report["candidate_vs_reference"]
+    c = entry["vs_reference"]
     assert c["agreement"] == 1.0 and c["score_drift_mean"] in (0.0, None)
-    assert report["next_token"]["mean_kl"] == pytest.approx(0.0, abs=1e-6)
-    assert report["next_token"]["top1_agreement"] == 1.0
+    assert entry["next_token"]["mean_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert entry["next_token"]["top1_agreement"] == 1.0
 
 
 def test_verdict_comparison_arithmetic():
