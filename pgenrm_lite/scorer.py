@@ -134,12 +134,15 @@ class Scorer:
     def from_bundle(cls, path: str | os.PathLike, *, n_samples: int = 1, n_neighbors: int = 0,
                     device: str = "auto", seed: int = 0, n_ctx: int | None = None,
                     n_threads: int | None = None, verify: str = "size",
-                    chat_template: str | os.PathLike | None = None, **options) -> "Scorer":
+                    chat_template: str | os.PathLike | None = None, model: str | os.PathLike | None = None,
+                    **options) -> "Scorer":
         """Open a bundle (verifying it first) and load its model, embedder and prototypes.
 
         Options not given here fall back to the bundle's recommended `defaults`, then to
         the output contract's and the Scorer's own defaults. `chat_template` (Jinja text or
         a path to a .jinja file) replaces the chat template of the bundle and of the GGUF file.
+        `model`: a GGUF file loaded in place of the bundle's own, with all of the bundle's
+        settings (e.g. a re-quantised copy under `python -m export check-quant`).
         """
         _check_counts(n_samples, n_neighbors)
         check_seed(seed)
@@ -149,10 +152,19 @@ class Scorer:
         max_tokens = options.get("max_tokens") or options["template"].output_contract.max_tokens
         if chat_template is None:
             chat_template = bundle.chat_template()
+        llm_path = bundle.llm_path
+        # The manifest's hash names the model in prompt-cache keys; another file is hashed itself.
         llm_entry = next((f for f in bundle.manifest.files if f.path == bundle.manifest.llm.file), None)
-        engine = Engine(bundle.llm_path, n_ctx=n_ctx or _auto_n_ctx(n_samples + n_neighbors, max_tokens),
+        model_id = f"{llm_entry.sha256}:{llm_entry.size}" if llm_entry else None
+        if model is not None:
+            from .engine import model_file_ok
+
+            llm_path, model_id = Path(model), None
+            if not model_file_ok(llm_path):
+                raise ConfigError(f"{llm_path} is not a readable GGUF v2/v3 file")
+        engine = Engine(llm_path, n_ctx=n_ctx or _auto_n_ctx(n_samples + n_neighbors, max_tokens),
                         n_threads=n_threads, device=device, chat_template=_template_text(chat_template),
-                        model_id=f"{llm_entry.sha256}:{llm_entry.size}" if llm_entry else None)
+                        model_id=model_id)
         try:
             prototypes = None
             if n_neighbors > 0 and bundle.manifest.prototypes is not None:
