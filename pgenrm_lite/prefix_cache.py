@@ -155,9 +155,7 @@ class PrefixCache:
         path = self.path(key)
         try:
             blob = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError:
+        except OSError:  # absent, or unreadable: evaluate instead
             return None
         try:
             data = read_file_payload(blob, key)
