@@ -13,9 +13,10 @@ moving average of the trained ones.
 
 After training: each member's refined vector is `RefinedSpace.vector` (numpy, the code
 the runtime runs) with its k-means prototype as anchor, its first `history_pairs` items
-as context and the mean of their prompts as query; a refined prototype is the unit mean
-of the refined vectors of its k-means members; every member then goes to its most
-similar refined prototype.
+as context and the mean of their prompts as query; a refined prototype starts as the unit
+mean of the refined vectors of its k-means members; members are then reassigned by
+cosine to the most similar refined prototype, the prototypes following their members,
+until no member moves.
 
 Resumable: after every epoch the state (weights, averages, optimiser, losses) is saved
 atomically to `<bundle>.refine.pt` beside the bundle, keyed by the training data and the
@@ -84,14 +85,17 @@ class RefineModel(torch.nn.Module):
         self.w_diff = torch.nn.Parameter(torch.zeros(dim))
         self.w_query = torch.nn.Parameter(eye.clone())
         self.w_hist = torch.nn.Parameter(eye.clone())
-        # l_a sharpens attention over unit-vector similarities; beta scales z . d into logits
-        self.scales = torch.nn.Parameter(torch.tensor([5.0, 0.5, 0.5, 10.0]))
+        # l_a sharpens attention over unit-vector similarities; the history's direction (the
+        # user's own) starts at twice the anchor, the query (shared by all who ask it) at a
+        # quarter; beta scales z . d into logits
+        self.scales = torch.nn.Parameter(torch.tensor([5.0, 0.25, 2.0, 10.0]))
 
     def z(self, anchor, query, prompts, diffs, mask):
         logits = self.scales[0] * torch.einsum("bhd,bd->bh", prompts, query @ self.w_attn) + diffs @ self.w_diff
         logits = logits.masked_fill(~mask, float("-inf"))
         weights = torch.softmax(logits, dim=1).nan_to_num(0.0)  # a target without context: v = 0
         v = torch.einsum("bh,bhd->bd", weights, diffs)
+        v = v / v.norm(dim=1, keepdim=True).clamp(min=1e-12)
         return self.anchors[anchor] + self.scales[1] * query @ self.w_query.T + self.scales[2] * v @ self.w_hist.T
 
     def loss(self, batch) -> torch.Tensor:
@@ -165,8 +169,7 @@ def refine(members: Sequence[UserProfile], targets: Sequence[Optional[Preference
 
     vectors = np.stack([_member_vector(space, m, int(c), table, u, settings)
                         for m, c, u in zip(members, labels, persona_vectors)])
-    refined_centroids = np.stack([_unit_mean(vectors[labels == c], centroids[c]) for c in range(len(centroids))])
-    new_labels = (vectors @ refined_centroids.T).argmax(axis=1).astype(np.int32)
+    refined_centroids, new_labels = _reassign(vectors, labels, centroids)
     moved = int((new_labels != labels).sum())
     info = RefinementInfo(file="", epochs=settings.epochs, lr=settings.lr, weight_decay=settings.weight_decay,
                           ema=settings.ema, batch_size=settings.batch_size, max_targets=settings.max_targets,
@@ -243,6 +246,21 @@ def _member_vector(space: RefinedSpace, member: UserProfile, anchor: int, table:
                    settings: RefineSettings) -> np.ndarray:
     prompts, diffs = table.history(member.history, settings.history_pairs)
     return space.vector(anchor, mean_query(prompts, persona), prompts, diffs)
+
+
+def _reassign(vectors: np.ndarray, labels: np.ndarray, centroids: np.ndarray, max_iter: int = 50
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Refined prototypes start as the unit means of their k-means members' refined vectors; members
+    then move to their most similar prototype and prototypes follow, until nobody moves."""
+    current = np.asarray(labels)
+    refined = np.stack([_unit_mean(vectors[current == c], centroids[c]) for c in range(len(centroids))])
+    for _ in range(max_iter):
+        new = (vectors @ refined.T).argmax(axis=1)
+        if np.array_equal(new, current):
+            break
+        current = new
+        refined = np.stack([_unit_mean(vectors[current == c], refined[c]) for c in range(len(centroids))])
+    return refined.astype(np.float32), current.astype(np.int32)
 
 
 def _unit_mean(rows: np.ndarray, fallback: np.ndarray) -> np.ndarray:

@@ -84,7 +84,7 @@ def _open_scorer(args, **overrides):
                           "or pass --bundle DIR")
     options: dict[str, Any] = {}
     for name in ("max_tokens", "temperature", "expected_scores", "candidate_order", "chat_template",
-                 "min_confidence"):
+                 "min_confidence", "persona_mode"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     options.update(overrides)
@@ -444,6 +444,9 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
                    help="draw the candidates' order per sample (default) or once per pair (the official pipeline)")
     p.add_argument("--chat-template", metavar="FILE.jinja", default=None,
                    help="a chat template that replaces the bundle's and the model file's own")
+    p.add_argument("--persona-mode", choices=("cached", "query"), default=None,
+                   help="LLM-persona indexes: neighbours found by the user's first parsed persona, reused "
+                   "(cached, default) or by this call's first parsed chain (query, the official pipeline)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,12 +4,14 @@
 user's choice on a pair from three parts (the paper's z = a_j + l_q W_q q + l_s W_s v_H):
 
     z = A[c] + l_q * W_q q + l_s * W_s v
-    v = sum_i softmax_i(l_a * (q . W_a p_i) + w_d . d_i) * d_i     (attention over the history)
+    v = unit( sum_i softmax_i(l_a * (q . W_a p_i) + w_d . d_i) * d_i )   (attention over the history)
     P(chosen preferred) = sigmoid(beta * z . d)
 
 where c is the user's k-means prototype (by cosine to the k-means centroids), q the
 query's embedding, p_i the embedding of history item i's prompt and d_i = e(chosen_i) -
-e(rejected_i) its preference direction. The arrays below are the trained (EMA) weights;
+e(rejected_i) its preference direction. v is scaled to unit length: a difference of two
+unit vectors is short, and the history's direction, not its length, is what tells users
+apart (it would otherwise vanish beside the unit anchor). The arrays below are the trained (EMA) weights;
 this module turns them into a user's vector, so the runtime places a query user the same
 way the builder placed every member. The formula lives here once; export/ trains its
 torch twin and checks that both agree.
@@ -73,7 +75,7 @@ class RefinedSpace:
             return np.zeros(self.dimension, np.float32)
         logits = self.scales[0] * (prompts @ (self.w_attn.T @ query)) + diffs @ self.w_diff
         weights = np.exp(logits - logits.max())
-        return (weights / weights.sum()) @ diffs
+        return _unit((weights / weights.sum()) @ diffs)
 
     def vector(self, anchor: int, query: np.ndarray, prompts: np.ndarray, diffs: np.ndarray) -> np.ndarray:
         """z for one user and one query, as a unit vector (what the index compares by cosine)."""

@@ -9,8 +9,8 @@ twin; the end-to-end tests run SmolLM2 and the exported MiniLM of the default bu
 from __future__ import annotations
 
 import shutil
-import zlib
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
