@@ -49,7 +49,7 @@ from pgenrm_lite.bundle import Bundle, read_manifest
 from pgenrm_lite.datasets import load_hh, load_rows, users_from_rows
 from pgenrm_lite.errors import ConfigError, ExportError
 from pgenrm_lite.prototypes import (build_hnsw, chain_members, explained_variance, kmeans, member_record,
-                                    write_generation, writer_lock)
+                                    persona_checkpoint_path, write_generation, writer_lock)
 from pgenrm_lite.records import Preference, PrototypeInfo, UserProfile
 
 EMBED_BATCH = 64
@@ -241,9 +241,7 @@ def index_members(bundle_dir: str | os.PathLike, members: list[UserProfile], per
 
 # -- LLM personas, resumable -------------------------------------------------------------
 
-def checkpoint_path(bundle_dir: Path) -> Path:
-    bundle_dir = Path(bundle_dir).resolve()
-    return bundle_dir.with_name(bundle_dir.name + ".personas.jsonl")
+checkpoint_path = persona_checkpoint_path  # one place for the name: the runtime forgets users there too
 
 
 def persona_key(user: UserProfile, llm_sha256: str, seed: int, max_tokens: Optional[int], options: dict,

@@ -8,7 +8,7 @@
 from .errors import (BundleError, BundleIntegrityError, BundleVersionError, ChainParseError, ConfigError,
                      ContextOverflowError, DataFormatError, EmbedderError, EngineError, PgenrmError,
                      PrototypeIndexError, RecordError)
-from .records import (CompareResult, Criterion, EvaluationChain, NeighborScore, Preference, Sample,
+from .records import (CompareResult, Criterion, EvaluationChain, GroupScores, NeighborScore, Preference, Sample,
                       UserProfile)
 from .scorer import Scorer
 
@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Scorer",
-    "Preference", "UserProfile", "Criterion", "EvaluationChain", "CompareResult", "Sample", "NeighborScore",
+    "Preference", "UserProfile", "Criterion", "EvaluationChain", "CompareResult", "GroupScores", "Sample",
+    "NeighborScore",
     "PgenrmError", "ConfigError", "RecordError", "DataFormatError", "ChainParseError", "ContextOverflowError",
     "EngineError", "EmbedderError", "PrototypeIndexError", "BundleError", "BundleVersionError",
     "BundleIntegrityError",

@@ -18,6 +18,7 @@ import orjson
 from . import __version__
 from ._progress import Progress
 from .errors import ConfigError, PgenrmError
+from .group_rewards import GROUP_METHODS
 from .records import MAX_SEED, MAX_TEXT_CHARS
 
 
@@ -165,13 +166,14 @@ def cmd_score(args) -> int:
     prompt = read_text_arg(args.prompt)
     responses = [read_text_arg(r) for r in args.response]
     with _open_scorer(args) as scorer:
-        scores = scorer.score(user, prompt, responses)
+        group = scorer.score_group(user, prompt, responses, method=args.group_reward)
     if args.json:
-        _emit_json({"scores": scores, "seed": args.seed, "n_samples": args.n_samples,
-                    "n_neighbors": args.n_neighbors})
+        _emit_json({"scores": group.rewards, "stderr": group.stderr, "method": group.method,
+                    "seed": group.seed, "n_samples": group.n_samples, "n_neighbors": group.n_neighbors,
+                    "n_pairs_parsed": group.n_pairs_parsed, "n_pairs": len(group.pairs)})
     else:
-        for i, s in enumerate(scores):
-            print(f"{i}\t{s:.3f}")
+        for i, (r, se) in enumerate(zip(group.rewards, group.stderr)):
+            print(f"{i}\t{r:.3f}" + ("" if se != se else f"\t+/- {se:.3f}"))  # se != se: NaN
     return 0
 
 
@@ -259,21 +261,37 @@ def _print_accuracy(name: str, s: dict) -> None:
 
 def cmd_serve(args) -> int:
     try:
-        from .integrations.server import serve
+        from .integrations.server import check_bind, serve
     except ImportError as exc:
         raise ConfigError(f"the reward server needs the `serve` extra: pip install 'pgenrm-lite[serve]' ({exc})") from exc
     from .datasets import load_profiles
 
     profiles = load_profiles(args.profiles) if args.profiles else {}
+    token = _server_token(args)
+    check_bind(args.host, token, args.insecure)  # before the model loads: a refusal costs nothing
     with _open_scorer(args) as scorer:
         print(f"pgenrm-lite: serving {len(profiles)} user profile(s) on http://{args.host}:{args.port}/get_reward "
               f"(Ind-{scorer.n_samples}/Pro-{scorer.n_neighbors}, queue {args.queue_size})", file=sys.stderr)
         options = {"queue_size": args.queue_size, "max_body_bytes": args.max_body_bytes,
-                   "unparsed_reward": args.unparsed_reward}
+                   "unparsed_reward": args.unparsed_reward, "group_reward": args.group_reward}
         if args.reference is not None:
             options["reference"] = read_text_arg(args.reference)
-        serve(scorer, profiles, host=args.host, port=args.port, **options)
+        serve(scorer, profiles, host=args.host, port=args.port, token=token, allow_insecure=args.insecure,
+              **options)
     return 0
+
+
+def _server_token(args) -> str | None:
+    from .integrations.server import TOKEN_ENV, check_token
+
+    if args.token_file is not None:
+        from ._io import decode_utf8, read_bytes
+
+        text = decode_utf8(read_bytes(args.token_file, 8192, "token file"), "token file").strip()
+        if not text:
+            raise ConfigError(f"the token file {args.token_file} is empty")
+        return check_token(text)
+    return check_token(os.environ.get(TOKEN_ENV) or None)
 
 
 def cmd_info(args) -> int:
@@ -301,6 +319,27 @@ def cmd_info(args) -> int:
     print("  files:")
     for f in m.files:
         print(f"    {f.size:>12,d}  {f.sha256[:12]}  {f.path}")
+    return 0
+
+
+def cmd_forget(args) -> int:
+    from .bundle import Bundle
+    from .prototypes import PrototypeIndex, forget_persona_checkpoint
+
+    bundle = Bundle.open(args.bundle, verify="size")
+    if bundle.manifest.prototypes is None:
+        removed = 0
+        forget_persona_checkpoint(bundle.root, args.user_id)
+    else:
+        with PrototypeIndex.load(bundle) as index:  # no embedder: removal needs no query
+            removed = index.remove_user(args.user_id)
+            left = index.n_members
+    if args.json:
+        _emit_json({"user_id": args.user_id, "bundle": str(bundle.root), "members_removed": removed})
+    elif removed:
+        print(f"forgot {args.user_id}: {removed} member record(s) removed; {left} member(s) left in {bundle.root}")
+    else:
+        print(f"{args.user_id} is not a prototype member of {bundle.root}; nothing to remove")
     return 0
 
 
@@ -471,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--response", action="append", required=True, help="repeat for each response (text, @FILE, -)")
+    p.add_argument("--group-reward", choices=GROUP_METHODS, default="mean",
+                   help="mean final score over its pairs (0-10, default) or Bradley-Terry strength (log-odds)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("eval", help="pairwise accuracy on a PersonalRewardBench-format or HH file")
@@ -501,14 +542,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="larger bodies get 413 (default 16 MiB)")
     p.add_argument("--reference", default=None,
                    help="reference response for a rollout alone in its request (text, @FILE); default: a refusal")
-    p.add_argument("--unparsed-reward", type=float, default=5.0,
-                   help="reward when no chain parsed (default 5.0, the middle of the 0-10 scale)")
+    p.add_argument("--unparsed-reward", type=float, default=None,
+                   help="reward when no chain parsed (default: the middle of the scale, 5.0; 0.0 for bradley_terry)")
+    p.add_argument("--group-reward", choices=GROUP_METHODS, default="mean",
+                   help="rollouts of one group: mean final score over their pairs (0-10, default) or "
+                        "Bradley-Terry strengths from the pairs' verdicts (log-odds, centred per group)")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="file holding the bearer token every request must send (default: $PGENRM_SERVER_TOKEN "
+                        "if set; without a token only loopback addresses are served)")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve a non-loopback address without a token (only on a trusted network)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="show a bundle's manifest")
     _common(p, model=False)
     p.add_argument("--bundle", help="bundle directory (default: the embedded default bundle)")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("forget", help="remove a user from a bundle's prototype members (atomically)")
+    _common(p, model=False)
+    p.add_argument("user_id")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle directory whose prototype index to update")
+    p.set_defaults(func=cmd_forget)
 
     p = sub.add_parser("verify", help="check every bundle file against its sha256")
     _common(p, model=False)

@@ -402,6 +402,35 @@ def _fresh_hnsw(vectors: np.ndarray, *, dimension: int, seed: int, ef: int) -> h
     return index
 
 
+def persona_checkpoint_path(bundle_dir: Path) -> Path:
+    """Where `python -m export prototypes --persona-source llm` keeps finished personas: beside
+    the bundle (never inside it, so the bundle's files and checksums do not change while it runs)."""
+    bundle_dir = Path(bundle_dir).resolve()
+    return bundle_dir.with_name(bundle_dir.name + ".personas.jsonl")
+
+
+def forget_persona_checkpoint(bundle_dir: Path, user_id: str) -> int:
+    """Rewrite the persona checkpoint without `user_id`'s entries, their chain members' included
+    (`<user_id>#<item>`, whichever granularity wrote them), atomically; return how many went."""
+    path = persona_checkpoint_path(bundle_dir)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_bytes().splitlines():
+        try:
+            mine = member_owner(str(orjson.loads(line).get("user_id")), "chain") == user_id
+        except (orjson.JSONDecodeError, AttributeError):
+            mine = False  # a torn line: the builder skips it; keep it rather than guess
+        if mine:
+            dropped += 1
+        else:
+            kept.append(line + b"\n")
+    if dropped:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(b"".join(kept))
+    return dropped
+
+
 def remove_stale_files(root: Path, manifest: Manifest) -> None:
     """Delete prototype files the manifest no longer names (old generations, interrupted writes)."""
     keep = {Path(p).name for p in _info_files(manifest.prototypes)}
@@ -754,6 +783,33 @@ class PrototypeIndex:
         space = _Space(members, brute_force_below=self._brute_force_below)
         live = replace(state, members=space)
         self._state = self._with_records(live, self._manifest.prototypes, all_records, all_assignments)
+
+    def remove_user(self, user_id: str) -> int:
+        """Forget a user: drop every member record of `user_id` (their one member, or all their
+        chains), rebuild the member index without their vectors, persist atomically, and return
+        how many records were removed (0: not a member).
+
+        The old generation's files are deleted after the switch, so no file of the index holds
+        the user's texts or vectors any more. Centroids (and refinement arrays) are kept: they
+        are trained over many members and hold no text; `python -m export prototypes`
+        recomputes them.
+        """
+        if not isinstance(user_id, str) or not user_id:
+            raise ConfigError(f"user_id must be a non-empty string, got {user_id!r}")
+        with self._lock, writer_lock(self.root):
+            on_disk = read_manifest(self.root)
+            if on_disk.prototypes != self._manifest.prototypes:  # another process updated it
+                self._state = self._load(on_disk)
+            self._manifest = on_disk
+            state = self._live()
+            removed = len(state.rows_of_owner.get(user_id, ()))
+            if not removed:
+                return 0
+            self._rewrite(on_disk, state, drop=user_id, records=[],
+                          vectors=np.zeros((0, state.info.dimension), np.float32),
+                          assignments=np.zeros(0, np.int32))
+            forget_persona_checkpoint(self.root, user_id)
+            return removed
 
     def close(self) -> None:
         with self._lock:

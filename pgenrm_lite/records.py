@@ -230,6 +230,27 @@ class CompareResult(_Record):
         return self.preferred is not None
 
 
+class GroupScores(_Record):
+    """One reward per response of a group, from all its pairwise comparisons (`Scorer.score_group`).
+
+    `method` says how (see `pgenrm_lite.group_rewards`): "mean" rewards are mean final
+    scores on the 0-10 scale; "bradley_terry" rewards are centred log-odds strengths,
+    comparable within the group only. NaN where no comparison of the response parsed.
+    """
+
+    rewards: list[float]
+    stderr: list[float]  # per response: Laplace (bradley_terry) or spread over its pairs (mean); NaN if unknown
+    method: Literal["mean", "bradley_terry"]
+    prior_sd: Optional[float] = None  # bradley_terry's prior on the strengths
+    pairs: list[tuple[int, int]]  # (i, j) of each comparison, in `comparisons` order
+    win_share: list[Optional[float]]  # per pair: weighted share of parsed chains preferring i (ties half)
+    comparisons: list[CompareResult]
+    n_pairs_parsed: int
+    seed: int
+    n_samples: int
+    n_neighbors: int
+
+
 # -- bundle manifest (the one definition of its schema) -----------------------------------
 
 MANIFEST_SCHEMA_VERSION = 1

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import contracts, protocol, scaling
+from . import contracts, group_rewards, protocol, scaling
 from .bundle import Bundle
 from .engine import Engine, Request, SamplingParams
+from .group_rewards import GroupMethod
 from .errors import ChainParseError, ClosedError, ConfigError, ContextOverflowError
-from .records import (MAX_SEED, CompareResult, Confidence, EvaluationChain, LevelConfidence, NeighborScore,
-                      Sample, Timing, UserProfile)
+from .records import (MAX_SEED, CompareResult, Confidence, EvaluationChain, GroupScores, LevelConfidence,
+                      NeighborScore, Sample, Timing, UserProfile)
 
 # Fitting policy, in order: drop shown history pairs down to one, then shorten every
 # untrusted text (history, query, candidates) to these lengths, keeping head and tail.
@@ -232,15 +233,23 @@ class Scorer:
             return self._compare_pairs(user, prompt, [response_a, response_b], [(0, 1)], seed)[0]
 
     def score(self, user: UserProfile, prompt: str, responses: Sequence[str], *,
-              seed: Optional[int] = None) -> list[float]:
-        """One score per response (NaN where no sample parsed).
+              seed: Optional[int] = None, method: GroupMethod = "mean") -> list[float]:
+        """One reward per response (NaN where no comparison of it parsed): `score_group(...).rewards`.
 
-        Two responses: the aggregated final scores of their comparison. More: every pair is
-        compared (all pairs in one batch) and a response scores the mean of its final scores
-        over the pairs it took part in, so scores are on the chains' own 0-10 scale.
+        Every pair is compared (all pairs in one batch). `method="mean"` (default): a response
+        scores the mean of its final scores over its pairs, on the chains' 0-10 scale; with two
+        responses, the final scores of their comparison. `method="bradley_terry"`: centred
+        strengths fitted to the pairs' verdicts (see `pgenrm_lite.group_rewards`).
         """
+        return self.score_group(user, prompt, responses, seed=seed, method=method).rewards
+
+    def score_group(self, user: UserProfile, prompt: str, responses: Sequence[str], *,
+                    seed: Optional[int] = None, method: GroupMethod = "mean",
+                    prior_sd: float = group_rewards.DEFAULT_PRIOR_SD) -> GroupScores:
+        """Rewards with standard errors and every comparison behind them, for 2 to 16 responses."""
         _check_user(user)
         _check_text("prompt", prompt)
+        group_rewards.check_method(method)
         if isinstance(responses, (str, bytes)) or not isinstance(responses, (list, tuple)):
             raise ConfigError(f"responses must be a list of strings, got {type(responses).__name__}"
                               + ("; wrap a single text in a list" if isinstance(responses, str) else ""))
@@ -254,15 +263,21 @@ class Scorer:
         pairs = [(i, j) for i in range(len(responses)) for j in range(i + 1, len(responses))]
         with self._open_call():
             results = self._compare_pairs(user, prompt, responses, pairs, seed)
-        sums = [0.0] * len(responses)
-        counts = [0] * len(responses)
-        for (i, j), res in zip(pairs, results):
-            if res.score_a is not None and res.score_b is not None:
-                sums[i] += res.score_a
-                sums[j] += res.score_b
-                counts[i] += 1
-                counts[j] += 1
-        return [s / c if c else math.nan for s, c in zip(sums, counts)]
+        shares = [group_rewards.win_share([(s.score_a, s.score_b, s.kind == "neighbor") for s in r.samples
+                                           if s.score_a is not None and s.score_b is not None],
+                                          c_self=self.c_self, c_nb=self.c_nb) for r in results]
+        if method == "mean":
+            rewards, stderr = group_rewards.mean_rewards(
+                len(responses), [(i, j, r.score_a, r.score_b) for (i, j), r in zip(pairs, results)
+                                 if r.score_a is not None and r.score_b is not None])
+        else:
+            rewards, stderr = group_rewards.bradley_terry(
+                len(responses), [(i, j, y) for (i, j), y in zip(pairs, shares) if y is not None], prior_sd=prior_sd)
+        return GroupScores(rewards=rewards, stderr=stderr, method=method,
+                           prior_sd=prior_sd if method == "bradley_terry" else None, pairs=pairs,
+                           win_share=shares, comparisons=results,
+                           n_pairs_parsed=sum(r.score_a is not None for r in results), seed=seed,
+                           n_samples=self.n_samples, n_neighbors=self.n_neighbors)
 
     def prompt(self, user: UserProfile, prompt: str, response_a: str, response_b: str, *,
                seed: Optional[int] = None, swapped: bool = False) -> tuple[list[dict], list[int]]:
@@ -283,16 +298,7 @@ class Scorer:
         built from history text) the history text itself. Returns the member's prototype.
         """
         _check_user(profile)
-        with self._open_call():
-            if self.prototypes is None and self.bundle is not None and self.bundle.manifest.prototypes:
-                from .prototypes import PrototypeIndex
-
-                # Loaded on first use: a scorer with n_neighbors=0 need not hold the embedder otherwise.
-                self.prototypes = PrototypeIndex.from_bundle(self.bundle, device=self.engine.device,
-                                                             n_threads=self.engine.n_threads)
-        if self.prototypes is None:
-            raise ConfigError("this scorer has no prototype index: load a bundle built with "
-                              "`python -m export prototypes` to add users")
+        self._require_prototypes("add users")
         persona_text = persona_text or profile.persona
         if persona_text is None:
             if self.prototypes.persona_source != "history":
@@ -302,7 +308,31 @@ class Scorer:
         with self._open_call():
             return self.prototypes.add_user(profile, persona_text)
 
+    def remove_user(self, user_id: str) -> int:
+        """Forget a user on this device: their prototype members go from the bundle's index (atomically,
+        old files deleted) and from the persona checkpoint beside it, and this scorer drops its cached
+        persona for them. Returns how many member records were removed (0: they were not a member)."""
+        if not isinstance(user_id, str) or not user_id:
+            raise ConfigError(f"user_id must be a non-empty string, got {user_id!r}")
+        if self.bundle is not None and self.bundle.manifest.prototypes is not None:
+            self._require_prototypes("forget users")
+        with self._open_call():
+            self._personas.pop(user_id, None)
+            return 0 if self.prototypes is None else self.prototypes.remove_user(user_id)
+
     # -- internals ---------------------------------------------------------------------
+
+    def _require_prototypes(self, what: str) -> None:
+        with self._open_call():
+            if self.prototypes is None and self.bundle is not None and self.bundle.manifest.prototypes:
+                from .prototypes import PrototypeIndex
+
+                # Loaded on first use: a scorer with n_neighbors=0 need not hold the embedder otherwise.
+                self.prototypes = PrototypeIndex.from_bundle(self.bundle, device=self.engine.device,
+                                                             n_threads=self.engine.n_threads)
+        if self.prototypes is None:
+            raise ConfigError(f"this scorer has no prototype index: load a bundle built with "
+                              f"`python -m export prototypes` to {what}")
 
     def _compare_pairs(self, user: UserProfile, prompt: str, responses: list[str],
                        pairs: list[tuple[int, int]], seed: int) -> list[CompareResult]:

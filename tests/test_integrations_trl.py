@@ -10,6 +10,7 @@ import pytest
 from conftest import require
 
 from pgenrm_lite import ConfigError, Preference, Scorer, UserProfile
+from pgenrm_lite.group_rewards import bradley_terry
 from pgenrm_lite.integrations.trl import completion_response, prompt_query, reward_function
 
 FAST = dict(max_tokens=400, analysis_chars=(10, 120), max_criteria=2, n_threads=1)
@@ -187,3 +188,57 @@ def test_one_real_grpo_step(tmp_path, scorer, conversational):
     mean = logged["rewards/pgenrm_reward/mean"]
     assert math.isfinite(mean) and 0 <= mean <= 10
     assert logged["pgenrm/unknown_user_fraction"] == 0.0
+
+
+@pytest.mark.slow
+def test_grpo_step_with_bradley_terry_rewards_on_smollm2(tmp_path, default_bundle):
+    """A real GRPOTrainer step rewarded by the real SmolLM2 bundle with group_reward="bradley_terry":
+    one group of four completions, six pairs judged in one batch, strengths fitted to the verdicts."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for module in ("trl", "datasets", "torch", "transformers"):
+        require(importlib.util.find_spec(module) is not None,
+                f"{module} is not importable: install the trl extra (pip install -e '.[trl]')")
+    from datasets import Dataset
+    from tiny_models import build_tiny_checkpoint
+    from trl import GRPOConfig, GRPOTrainer
+
+    checkpoint = build_tiny_checkpoint(tmp_path / "policy", "llama")
+    with Scorer.from_bundle(default_bundle, n_samples=1, n_threads=2, seed=3) as scorer:
+        inner = reward_function(scorer, PROFILES, group_reward="bradley_terry")
+        calls, returned = [], []
+
+        def pgenrm_reward(**kwargs):
+            calls.append(kwargs)
+            returned.append(inner(**kwargs))
+            return returned[-1]
+
+        ds = Dataset.from_list([{"prompt": "How do I sort a list?", "user_id": "alice"}] * 2)
+        args = GRPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4,
+                          num_generations=4, max_completion_length=8, use_cpu=True, bf16=False, report_to=[],
+                          logging_steps=1, save_strategy="no", seed=0, dataloader_num_workers=0)
+        trainer = GRPOTrainer(model=str(checkpoint), reward_funcs=pgenrm_reward, args=args, train_dataset=ds)
+        trainer.train()
+
+        assert trainer.state.global_step == 1 and len(calls) == 1
+        rewards = returned[0]
+        completions = [completion_response(c) for c in calls[0]["completions"]]
+        assert len(rewards) == 4
+        # The same group scored directly, same seed: the same strengths, fitted to the six pairs' verdicts.
+        group = scorer.score_group(ALICE, "How do I sort a list?", completions, method="bradley_terry")
+    assert group.method == "bradley_terry" and len(group.pairs) == 6 and len(group.comparisons) == 6
+    expected = [None if math.isnan(r) else r for r in group.rewards]
+    assert rewards == pytest.approx(expected, nan_ok=True)
+    assert group.n_pairs_parsed >= 4, "the grammar-constrained SmolLM2 chains should mostly parse"
+    parsed = [r for r in rewards if r is not None]
+    if len(parsed) == 4:
+        assert abs(sum(parsed)) < 1e-6  # centred within the group
+    # The strengths are the fit to these verdicts (a complete round robin ranks by total wins).
+    outcomes = [(i, j, y) for (i, j), y in zip(group.pairs, group.win_share) if y is not None]
+    assert group.rewards == pytest.approx(bradley_terry(4, outcomes)[0], nan_ok=True)
+    if len(outcomes) == 6:
+        wins = [sum(y if i == k else 1 - y for i, j, y in outcomes if k in (i, j)) for k in range(4)]
+        ranked = sorted(range(4), key=lambda k: group.rewards[k])
+        assert [wins[k] for k in ranked] == sorted(wins)
+    print(f"BT rewards {[round(r, 3) for r in group.rewards]}, win shares {group.win_share}")
+    logged = trainer.state.log_history[0]
+    assert math.isfinite(logged["pgenrm/reward_stderr_mean"]) and logged["pgenrm/reward_stderr_mean"] > 0

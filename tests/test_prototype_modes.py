@@ -261,3 +261,24 @@ def test_user_members_with_cached_persona_end_to_end(default_bundle, tmp_path):
         assert [nb.user_id for nb in res.neighbors] != [user.user_id] and len(res.neighbors) == 1
     with pytest.raises(ConfigError, match="persona_mode"):
         Scorer.from_bundle(root, n_neighbors=1, persona_mode="sometimes")
+
+
+def test_forgetting_a_user_removes_all_of_their_chains(tmp_path):
+    import orjson
+
+    from pgenrm_lite.prototypes import persona_checkpoint_path
+
+    rng = np.random.default_rng(2)
+    users = [owner_user(f"u{i}", 3) for i in range(5)] + [owner_user("u1#0", 2)]  # an id that looks like a chain
+    root = chain_bundle(tmp_path / "b", users, lambda m: rng.normal(size=DIM))
+    ckpt = persona_checkpoint_path(root)
+    ckpt.write_bytes(b"".join(orjson.dumps({"key": str(i), "user_id": uid, "persona": "p"}) + b"\n"
+                              for i, uid in enumerate(["u1#0", "u1#2", "u2#0", "u1"])))
+    index = PrototypeIndex.load(Bundle.open(root))
+    assert index.remove_user("u1") == 3
+    assert index.members_of("u1") == [] and index.members_of("u1#0") == ["u1#0#0", "u1#0#1"]
+    again = PrototypeIndex.load(Bundle.open(root))
+    assert again.n_members == 6 * 3 - 3 - 1 and not any(member_owner(m, "chain") == "u1" for m in again.member_ids())
+    left = [orjson.loads(line)["user_id"] for line in ckpt.read_bytes().splitlines()]
+    assert left == ["u2#0"]
+    assert index.remove_user("u1") == 0

@@ -333,6 +333,101 @@ def test_killed_updates_always_leave_the_old_or_the_new_version(tmp_path, cluste
                                             final.info.members_file, final.info.assignments_file)}
 
 
+def files_holding(root: Path, needle: bytes) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and needle in p.read_bytes())
+
+
+def test_remove_user_forgets_records_vectors_files_and_neighbours(tmp_path, clusters):
+    vectors, _ = clusters
+    root = synthetic_bundle(tmp_path / "f", vectors, k=5)
+    index = open_index(root)
+    secret = UserProfile(user_id="secret-user", history=[Preference(prompt="zq-prompt-71", chosen="zq-chosen-71",
+                                                                     rejected="zq-rejected-71")])
+    vec = unit_rows((vectors[3] + 0.02)[None])[0]
+    index.add_user(secret, "zq-persona-71", vector=vec)
+    assert files_holding(root, b"zq-chosen-71") and ids(index.neighbors_for_vector(vec, 1)) == ["secret-user"]
+    ckpt = root.with_name(root.name + ".personas.jsonl")  # the LLM-persona checkpoint beside the bundle
+    ckpt.write_bytes(b'{"key": "a", "user_id": "secret-user", "persona": "zq-persona-71"}\n'
+                     b'{"key": "b", "user_id": "u001", "persona": "kept"}\n')
+
+    assert index.remove_user("secret-user") == 1
+    assert index.remove_user("secret-user") == 0  # forgetting twice is not an error
+    n = len(vectors)
+    for reopened in (index, open_index(root)):  # in memory and on disk (full sha256 check)
+        assert reopened.n_members == n and "secret-user" not in reopened.member_ids()
+        assert reopened.member("secret-user") is None and reopened.prototype_of("secret-user") is None
+        assert "secret-user" not in ids(reopened.neighbors_for_vector(vec, n))  # every member, none is them
+        assert ids(reopened.neighbors_for_vector(vectors[3], 1)) == ["u003"]  # the others are still found
+    for needle in (b"zq-prompt-71", b"zq-chosen-71", b"zq-rejected-71", b"zq-persona-71", b"secret-user"):
+        assert files_holding(root, needle) == [], needle
+    assert ckpt.read_bytes() == b'{"key": "b", "user_id": "u001", "persona": "kept"}\n'
+    # The member graph was rebuilt, not marked: its file holds exactly the remaining vectors.
+    assert read_hnsw_header(root / index.info.members_index_file).count == n
+    # Later additions still work on the rebuilt index.
+    index.add_user(user("after-forget"), "p", vector=vectors[0])
+    assert open_index(root).n_members == n + 1
+
+
+def test_remove_every_member_then_add_again(tmp_path, clusters):
+    vectors, _ = clusters
+    root = synthetic_bundle(tmp_path / "e", vectors[:4], k=2)
+    index = open_index(root)
+    for i in range(4):
+        assert index.remove_user(f"u{i:03d}") == 1
+    assert open_index(root).n_members == 0 and index.neighbors_for_vector(vectors[0], 3) == []
+    index.add_user(user("only"), "p", vector=vectors[0])
+    assert ids(open_index(root).neighbors_for_vector(vectors[0], 3)) == ["only"]
+    with pytest.raises(ConfigError, match="user_id"):
+        index.remove_user("")
+
+
+FORGET_CHILD = textwrap.dedent("""
+    import sys
+    from pgenrm_lite.bundle import Bundle
+    from pgenrm_lite.prototypes import PrototypeIndex
+    index = PrototypeIndex.load(Bundle.open(sys.argv[1], verify="size"))
+    print("ready", index.n_members, flush=True)
+    for uid in sorted(index.member_ids()):
+        index.remove_user(uid)
+        print("done", index.n_members, flush=True)
+""")
+
+
+def test_killed_forgets_leave_the_old_or_the_new_version(tmp_path, clusters):
+    vectors, _ = clusters
+    root = synthetic_bundle(tmp_path / "kf", vectors[:150], k=4)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    rng = random.Random(99)
+    expected = 150
+    for round_ in range(6):
+        child = subprocess.Popen([sys.executable, "-c", FORGET_CHILD, str(root)], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            ready = child.stdout.readline().split()
+            assert ready[:1] == ["ready"], child.stderr.read()
+            assert int(ready[1]) == expected
+            time.sleep(rng.uniform(0.05, 0.3))
+        finally:
+            child.send_signal(signal.SIGKILL)
+            out, _ = child.communicate(timeout=30)
+        done = [int(line.split()[1]) for line in out.splitlines() if line.startswith("done")]
+        last = done[-1] if done else expected
+        index = PrototypeIndex.load(Bundle.open(root, verify="full"))
+        n = index.n_members
+        assert n in (last, last - 1), (round_, last, n)
+        # The survivors are exactly the users the child had not reached yet (it goes in sorted order).
+        assert index.member_ids() == sorted(f"u{i:03d}" for i in range(150))[150 - n:]
+        expected = n
+    assert expected < 150  # removals did happen between kills
+    names = {p.name for p in (root / PROTO_DIR).iterdir()} - {".lock"}
+    assert len(names) <= 4 + 4  # at most one unfinished next generation left behind, removed by the next update
+    final = open_index(root)
+    final.remove_user("u149")
+    info = final.info
+    assert {p.name for p in (root / PROTO_DIR).iterdir()} - {".lock"} == {
+        Path(p).name for p in (info.centroids_file, info.members_index_file, info.members_file, info.assignments_file)}
+
+
 # -- bad input ---------------------------------------------------------------------------
 
 def replace_file(root: Path, rel: str, data: bytes) -> None:
@@ -555,13 +650,31 @@ def test_end_to_end_compare_with_neighbours(tmp_path, smollm2_gguf, minilm_onnx,
         newcomer = UserProfile(user_id="newcomer", history=me.history[:2])
         proto = scorer.add_user(newcomer)
         assert proto == scorer.prototypes.nearest_prototype(persona_from_history(newcomer))
-    print(f"end-to-end compare + add_user: {time.monotonic() - t0:.1f}s")
+        # Forgetting a neighbour: never returned again, no bundle file holds their texts.
+        gone = res.neighbors[0].user_id
+        others = {t for uid, u in users.items() if uid != gone for q in u.history for t in (q.chosen, q.rejected)}
+        their_texts = [t.encode() for p in users[gone].history for t in (p.chosen, p.rejected) if t not in others]
+        assert their_texts and all(files_holding(root, t) for t in their_texts[:3])
+        assert scorer.remove_user(gone) == 1
+        again = scorer.compare(me, test_row.prompt, test_row.chosen, test_row.rejected)
+        assert gone not in [n.user_id for n in again.neighbors] and len(again.neighbors) == 2
+        assert gone not in [m.user_id for m, _ in scorer.prototypes.neighbors(persona_from_history(users[gone]), 9)]
+    print(f"end-to-end compare + add_user + remove_user: {time.monotonic() - t0:.1f}s")
     reopened = Bundle.open(root, verify="full")
-    assert reopened.manifest.prototypes.n_members == 9
+    assert reopened.manifest.prototypes.n_members == 8
+    for text in their_texts:
+        assert files_holding(root, text) == []
+
+    # The CLI forgets without loading the LLM.
+    from pgenrm_lite.cli import main
+
+    assert main(["forget", "newcomer", "--bundle", str(root), "--json"]) == 0
+    assert main(["forget", "newcomer", "--bundle", str(root)]) == 0  # not a member any more: still exit 0
+    assert "newcomer" not in PrototypeIndex.load(Bundle.open(root, verify="full")).member_ids()
     with Scorer.from_bundle(root, n_samples=1, n_threads=2) as plain:  # n_neighbors=0: loaded on first use
         assert plain.prototypes is None
         plain.add_user(UserProfile(user_id="second", history=me.history[2:4]))
-    assert Bundle.open(root, verify="full").manifest.prototypes.n_members == 10
+    assert Bundle.open(root, verify="full").manifest.prototypes.n_members == 8  # 9 - forgotten newcomer + second
     with Scorer.from_gguf(smollm2_gguf, n_samples=1, n_threads=2) as bare:  # no bundle, no index
         with pytest.raises(ConfigError, match="no prototype index"):
             bare.add_user(newcomer)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -279,6 +280,68 @@ def test_prompt_and_response_extraction():
 
 # -- the CLI ---------------------------------------------------------------------------------
 
+# -- access: bearer token, loopback-only without one, request ids -------------------------
+
+TOKEN = "t0ken-for-tests-0123456789"
+
+
+@pytest.fixture(scope="module")
+def guarded_url(scorer):
+    app = create_app(scorer, {"alice": ALICE}, queue_size=4, max_body_bytes=64 * 1024, token=TOKEN)
+    with running(app) as base:
+        yield base
+
+
+def test_without_the_token_every_route_is_401_before_the_body_is_read(guarded_url):
+    body = {"query": [query("Use s[::-1].")], "prompts": [PROMPT], "labels": ["alice"]}
+    for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": TOKEN},
+                    {"Authorization": f"Basic {TOKEN}"}):
+        for method, path, kw in (("post", "/get_reward", {"json": body}), ("get", "/health", {}),
+                                 ("get", "/nowhere", {}), ("post", "/get_reward", {"data": b"x" * 100_000})):
+            r = getattr(requests, method)(f"{guarded_url}{path}", headers=headers, timeout=TIMEOUT, **kw)
+            assert r.status_code == 401, (headers, path, r.status_code)
+            assert r.headers["WWW-Authenticate"].startswith("Bearer") if path != "/nowhere" else True
+            err = r.json()
+            assert "bearer token" in err["error"] and TOKEN not in r.text
+            assert err["request_id"] == r.headers["X-Request-ID"]
+    ok = {"Authorization": f"Bearer {TOKEN}"}
+    assert requests.get(f"{guarded_url}/health", headers=ok, timeout=TIMEOUT).json()["status"] == "ok"
+    r = requests.post(f"{guarded_url}/get_reward", json=body, headers={**ok, "X-Request-ID": "rollout-17"},
+                      timeout=TIMEOUT)
+    assert r.status_code == 200 and len(r.json()["rewards"]) == 1
+    assert r.headers["X-Request-ID"] == "rollout-17" and r.json()["pgenrm"]["request_id"] == "rollout-17"
+
+
+def test_request_ids_are_echoed_or_made_and_errors_carry_them(url):
+    r = requests.post(f"{url}/get_reward", data=b"{not json", headers={"X-Request-ID": "bad id!"}, timeout=TIMEOUT)
+    assert r.status_code == 400
+    rid = r.headers["X-Request-ID"]
+    assert rid != "bad id!" and len(rid) == 16 and r.json()["request_id"] == rid
+    a = requests.get(f"{url}/health", timeout=TIMEOUT).headers["X-Request-ID"]
+    b = requests.get(f"{url}/health", timeout=TIMEOUT).headers["X-Request-ID"]
+    assert a != b
+
+
+def test_unauthenticated_servers_stay_on_loopback_unless_told():
+    from pgenrm_lite.cli import main
+    from pgenrm_lite.errors import ConfigError
+    from pgenrm_lite.integrations.server import check_bind, check_token
+
+    for host in ("127.0.0.1", "::1", "[::1]", "localhost", "127.0.0.2"):
+        check_bind(host, None, False)
+    for host in ("0.0.0.0", "::", "10.1.2.3", "example.org"):
+        with pytest.raises(ConfigError, match="without a token"):
+            check_bind(host, None, False)
+        check_bind(host, TOKEN, False)
+        check_bind(host, None, True)
+    with pytest.raises(ConfigError, match="16 to 4096"):
+        check_token("short")
+    with pytest.raises(ConfigError, match="16 to 4096"):
+        check_token("has a space in it 0123456789")
+    # The CLI refuses before it loads any model (the bundle path does not even exist).
+    assert main(["serve", "--host", "0.0.0.0", "--bundle", "/nonexistent/bundle"]) == 1
+
+
 def test_cli_serve_over_http(tmp_path, tiny_gguf):
     import sys as _sys
 
@@ -288,13 +351,17 @@ def test_cli_serve_over_http(tmp_path, tiny_gguf):
     bundle = build_bundle(tiny_gguf, tmp_path / "bundle")
     profiles = tmp_path / "users.jsonl"
     profiles.write_bytes(ALICE.to_json() + b"\n" + BOB.to_json() + b"\n")
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     exe = Path(sys.executable).with_name("pgenrm-lite")
     cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "pgenrm_lite.cli"]),
            "serve", "--bundle", str(bundle), "--profiles", str(profiles), "--host", "127.0.0.1",
-           "--port", str(port), "--queue-size", "4", "--max-body-bytes", "4096", "--threads", "1"]
+           "--port", str(port), "--queue-size", "4", "--max-body-bytes", "4096", "--threads", "1",
+           "--token-file", str(token_file), "--group-reward", "bradley_terry"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -303,19 +370,22 @@ def test_cli_serve_over_http(tmp_path, tiny_gguf):
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "the server did not come up"
             try:
-                if requests.get(f"{base}/health", timeout=5).status_code == 200:
+                if requests.get(f"{base}/health", timeout=5).status_code == 401:
                     break
             except requests.ConnectionError:
                 time.sleep(0.2)
-        assert healthy(base)["users"] == 2
-        out = openrlhf_legacy_request(f"{base}/get_reward", [query("Use s[::-1]."), query("No.")],
-                                      [PROMPT, PROMPT], ["alice", "alice"])
-        assert len(out["rewards"]) == 2 and all(0 <= r <= 10 for r in out["rewards"])
-        # the bundle's default chain budget is too short for the random tiny model: unparsed, flagged
+        health = requests.get(f"{base}/health", headers=auth, timeout=TIMEOUT).json()
+        assert health["users"] == 2 and health["worker_alive"]
+        body = {"query": [query("Use s[::-1]."), query("No.")], "prompts": [PROMPT, PROMPT],
+                "labels": ["alice", "alice"]}
+        assert requests.post(f"{base}/get_reward", json=body, timeout=TIMEOUT).status_code == 401
+        out = requests.post(f"{base}/get_reward", json=body, headers=auth, timeout=TIMEOUT).json()
+        assert len(out["rewards"]) == 2 and out["pgenrm"]["group_reward"] == "bradley_terry"
+        # bradley_terry scores are sigmoid(reward); unparsed rollouts get 0.0, the middle of its scale
+        assert out["scores"] == pytest.approx([1 / (1 + math.exp(-r)) for r in out["rewards"]])
         assert set(out["extra_logs"]["pgenrm_unparsed"]) <= {0.0, 1.0}
-        big = requests.post(f"{base}/get_reward", data=b"x" * 10_000, timeout=TIMEOUT)
+        big = requests.post(f"{base}/get_reward", data=b"x" * 10_000, headers=auth, timeout=TIMEOUT)
         assert big.status_code == 413
-        healthy(base)
     finally:
         proc.terminate()
         try:
@@ -323,3 +393,6 @@ def test_cli_serve_over_http(tmp_path, tiny_gguf):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+    logged = proc.stdout.read()
+    assert TOKEN not in logged  # never logged
+    assert "request_id=" in logged and "POST /get_reward status=401" in logged and "status=413" in logged

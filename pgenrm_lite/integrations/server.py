@@ -24,24 +24,46 @@ them and `prompts` the prompt text. It answers `{"rewards": [...], "scores": [..
   response, the label's `reference` or else the server's `--reference` text, and its reward
   is its own final score in that comparison. Rewards are on the chains' 0-10 scale;
   `scores` (OpenRLHF's dynamic-filtering value) are rewards / 10. A rollout for which no
-  chain parsed gets `unparsed_reward` (default 5.0, the middle of the scale), flagged in
+  chain parsed gets `unparsed_reward` (default: the middle of the scale, 5.0; 0.0 for
+  bradley_terry), flagged in
   `extra_logs.pgenrm_unparsed`.
 - `extra_logs` values are numeric lists, one entry per rollout (OpenRLHF turns each into a
   tensor): `pgenrm_fallback`, `pgenrm_grouped` (1 group, 0 reference), `pgenrm_group_size`,
   `pgenrm_unparsed`.
 
+- With `group_reward="bradley_terry"` (`--group-reward bradley_terry`) a group's rewards are
+  Bradley-Terry strengths from the pairs' verdicts (centred log-odds) and a lone rollout's
+  reward is its strength against the reference; `scores` are then sigmoid(reward), the
+  probability of beating an average response of its group. Each item's `reward_stderr`
+  is in `pgenrm.items`.
+
 Requests go to the model through a bounded queue served by one worker thread: a full queue
 answers 503 with `Retry-After`. A body that is not JSON answers 400, wrong fields or lists
 of different lengths 422, a body over `max_body_bytes` 413; every error is a JSON object
-`{"error": "..."}` and the server keeps serving. `GET /health` reports the queue.
+`{"error": "...", "request_id": "..."}` and the server keeps serving. `GET /health` reports
+the queue.
+
+**Access.** With a token (`token=`, or `--token-file FILE` / the `PGENRM_SERVER_TOKEN`
+environment variable for the CLI) every route wants `Authorization: Bearer <token>` and
+answers 401 otherwise, before reading the body; the token is compared in constant time and
+never logged. Without a token the server only binds a loopback address unless told
+`allow_insecure=True` (`--insecure`). OpenRLHF's clients send no Authorization header: keep
+such a server on loopback, or put it behind a proxy that adds the header. Every request gets
+an id (the client's `X-Request-ID` when it is a short token of letters, digits, `-` or `_`,
+else a new one), answered in the `X-Request-ID` header and the body, and named in the log
+line of each request (logger `pgenrm_lite.server`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
+import logging
 import math
 import queue
 import re
+import secrets
 import threading
 import time
 from concurrent.futures import Future
@@ -51,6 +73,7 @@ from typing import Any, Optional
 import orjson
 
 from ..errors import ConfigError, PgenrmError
+from ..group_rewards import GroupMethod, check_method
 from ..records import UserProfile
 from ..scorer import MAX_RESPONSES
 from . import non_personalised_user, profile_map
@@ -68,7 +91,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 DEFAULT_REFERENCE = "I'm sorry, but I can't help with that."
 DEFAULT_QUEUE_SIZE = 64
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
-DEFAULT_UNPARSED_REWARD = 5.0
+DEFAULT_UNPARSED_REWARD = {"mean": 5.0, "bradley_terry": 0.0}  # the middle of each method's scale
+TOKEN_ENV = "PGENRM_SERVER_TOKEN"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+log = logging.getLogger("pgenrm_lite.server")
 SCHEME = ("group: rollouts with the same user and prompt in one request are scored together with "
           "Scorer.score (all pairs compared; reward = mean final score over its pairs, 0-10); "
           "reference: a rollout alone is compared with a reference response (the label's 'reference', "
@@ -171,12 +197,15 @@ class RewardService:
     """The model side: validates a request body, queues it, scores it on one worker thread."""
 
     def __init__(self, scorer, profiles=None, *, queue_size: int = DEFAULT_QUEUE_SIZE,
-                 reference: str = DEFAULT_REFERENCE, unparsed_reward: float = DEFAULT_UNPARSED_REWARD,
-                 max_group: int = MAX_RESPONSES):
+                 reference: str = DEFAULT_REFERENCE, unparsed_reward: Optional[float] = None,
+                 max_group: int = MAX_RESPONSES, group_reward: GroupMethod = "mean"):
         if queue_size < 1:
             raise ConfigError(f"queue_size must be >= 1, got {queue_size}")
         if not 2 <= max_group <= MAX_RESPONSES:
             raise ConfigError(f"max_group must be in 2..{MAX_RESPONSES}, got {max_group}")
+        self.group_reward = check_method(group_reward)
+        if unparsed_reward is None:
+            unparsed_reward = DEFAULT_UNPARSED_REWARD[group_reward]
         if not math.isfinite(unparsed_reward):
             raise ConfigError("unparsed_reward must be a finite number")
         self.scorer = scorer
@@ -290,7 +319,7 @@ class RewardService:
             sources.append("label" if label.reference is not None else "server")
             items.append(Item(group_key=(user.user_id, known[-1], prompt), user=user, query=query,
                               response=response, reference=ref))
-        outcomes = score_items(self.scorer, items, max_group=self.max_group)
+        outcomes = score_items(self.scorer, items, max_group=self.max_group, method=self.group_reward)
         rewards, unparsed, details = [], [], []
         for item, outcome, is_known, source in zip(items, outcomes, known, sources):
             r = outcome.reward
@@ -300,8 +329,12 @@ class RewardService:
             details.append({"user_id": item.user.user_id, "personalised": is_known, "scheme": outcome.scheme,
                             "group_size": outcome.group_size,
                             "reference_source": source if outcome.scheme == "reference" else None,
-                            "reference_score": outcome.reference_score, "reward_parsed": not bad})
-        scores = [min(1.0, max(0.0, r / 10.0)) for r in rewards]
+                            "reference_score": outcome.reference_score, "reward_parsed": not bad,
+                            "reward_stderr": _finite_or_none(outcome.stderr)})
+        if self.group_reward == "mean":
+            scores = [min(1.0, max(0.0, r / 10.0)) for r in rewards]
+        else:
+            scores = [1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, r)))) for r in rewards]
         extra_logs = {
             "pgenrm_fallback": [0.0 if k else 1.0 for k in known],
             "pgenrm_grouped": [1.0 if o.scheme == "group" else 0.0 for o in outcomes],
@@ -310,15 +343,53 @@ class RewardService:
         }
         unknown = sorted({d["user_id"] for d in details if not d["personalised"]})
         return {"rewards": rewards, "scores": scores, "extra_logs": extra_logs,
-                "pgenrm": {"scheme": SCHEME, "items": details, "unknown_users": unknown,
+                "pgenrm": {"scheme": SCHEME, "group_reward": self.group_reward, "items": details,
+                           "unknown_users": unknown,
                            "fallback": "non-personalised judge (a profile with no history)",
                            "unparsed_reward": self.unparsed_reward, "n_samples": self.scorer.n_samples,
                            "n_neighbors": self.scorer.n_neighbors, "seed": self.scorer.seed,
                            "elapsed_s": round(time.perf_counter() - t0, 4)}}
 
 
-def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+def _finite_or_none(x: Optional[float]) -> Optional[float]:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _error(status: int, message: str, request_id: str, headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status, "request_id": request_id}, status_code=status,
+                        headers={**(headers or {}), "X-Request-ID": request_id})
+
+
+def _request_id(request: Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.match(given) else secrets.token_hex(8)
+
+
+def _authorized(request: Request, token: Optional[str]) -> bool:
+    if token is None:
+        return True
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    # Compared as bytes in constant time; a wrong length or scheme fails the same way.
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def check_token(token: Optional[str]) -> Optional[str]:
+    """None, or a token fit for a header: 16 to 4096 visible ASCII characters without spaces."""
+    if token is None:
+        return None
+    if not isinstance(token, str) or not 16 <= len(token) <= 4096 or not all(33 <= ord(c) < 127 for c in token):
+        raise ConfigError("the server token must be 16 to 4096 visible ASCII characters without spaces "
+                          "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    return token
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -341,37 +412,60 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 def create_app(scorer, profiles=None, *, queue_size: int = DEFAULT_QUEUE_SIZE,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, reference: str = DEFAULT_REFERENCE,
-               unparsed_reward: float = DEFAULT_UNPARSED_REWARD, max_group: int = MAX_RESPONSES) -> Starlette:
+               unparsed_reward: Optional[float] = None, max_group: int = MAX_RESPONSES,
+               group_reward: GroupMethod = "mean", token: Optional[str] = None) -> Starlette:
     """The ASGI app. The worker thread starts with the app's lifespan and stops with it."""
     if max_body_bytes < 1:
         raise ConfigError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    token = check_token(token)
     service = RewardService(scorer, profiles, queue_size=queue_size, reference=reference,
-                            unparsed_reward=unparsed_reward, max_group=max_group)
+                            unparsed_reward=unparsed_reward, max_group=max_group, group_reward=group_reward)
 
-    async def get_reward(request: Request) -> Response:
+    def guarded(handler):
+        async def endpoint(request: Request) -> Response:
+            rid = _request_id(request)
+            t0 = time.perf_counter()
+            if not _authorized(request, token):
+                response = _error(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
+                                  rid, {"WWW-Authenticate": 'Bearer realm="pgenrm-lite"'})
+            else:
+                try:
+                    response = await handler(request, rid)
+                except RequestError as exc:
+                    response = _error(exc.status, exc.message, rid, exc.headers)
+                except PgenrmError as exc:  # e.g. a text over the size limit, a prompt that cannot fit the context
+                    response = _error(422, str(exc), rid)
+                except Exception as exc:  # the server keeps serving
+                    log.exception("request_id=%s internal error", rid)
+                    response = _error(500, f"internal error: {type(exc).__name__}: {exc}", rid)
+                response.headers["X-Request-ID"] = rid
+            log.info("request_id=%s %s %s status=%d %.3fs", rid, request.method, request.url.path,
+                     response.status_code, time.perf_counter() - t0)
+            return response
+        return endpoint
+
+    async def get_reward(request: Request, rid: str) -> Response:
+        raw = await _read_body(request, max_body_bytes)
         try:
-            raw = await _read_body(request, max_body_bytes)
-            try:
-                body = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                raise RequestError(400, f"the body is not valid JSON ({exc})") from None
-            parsed = service.parse(body)
-            if not parsed["rows"]:
-                return JSONResponse({"rewards": [], "scores": [], "extra_logs": {}, "pgenrm": {"scheme": SCHEME}})
-            result = await asyncio.wrap_future(service.submit(parsed))
-            return Response(orjson.dumps(result), media_type="application/json")
-        except RequestError as exc:
-            return _error(exc.status, exc.message, exc.headers)
-        except PgenrmError as exc:  # e.g. a text over the size limit, a prompt that cannot fit the context
-            return _error(422, str(exc))
-        except Exception as exc:  # the server keeps serving
-            return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise RequestError(400, f"the body is not valid JSON ({exc})") from None
+        parsed = service.parse(body)
+        if not parsed["rows"]:
+            return JSONResponse({"rewards": [], "scores": [], "extra_logs": {},
+                                 "pgenrm": {"scheme": SCHEME, "request_id": rid}})
+        result = await asyncio.wrap_future(service.submit(parsed))
+        result["pgenrm"]["request_id"] = rid
+        return Response(orjson.dumps(result), media_type="application/json")
 
-    async def health(request: Request) -> Response:
+    async def health(request: Request, rid: str) -> Response:
         return JSONResponse(service.health())
 
     async def not_found(request: Request, exc) -> Response:
-        return _error(getattr(exc, "status_code", 404), getattr(exc, "detail", "not found") or "not found")
+        rid = _request_id(request)
+        if not _authorized(request, token):
+            return _error(401, "missing or wrong bearer token", rid)
+        return _error(getattr(exc, "status_code", 404), getattr(exc, "detail", "not found") or "not found", rid)
 
     from contextlib import asynccontextmanager
 
@@ -383,22 +477,38 @@ def create_app(scorer, profiles=None, *, queue_size: int = DEFAULT_QUEUE_SIZE,
         finally:
             await asyncio.get_running_loop().run_in_executor(None, service.stop)
 
-    app = Starlette(routes=[Route("/get_reward", get_reward, methods=["POST"]),
-                            Route("/health", health, methods=["GET"])],
+    app = Starlette(routes=[Route("/get_reward", guarded(get_reward), methods=["POST"]),
+                            Route("/health", guarded(health), methods=["GET"])],
                     exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)
     app.state.service = service
     return app
 
 
 def serve(scorer, profiles=None, *, host: str = "127.0.0.1", port: int = 5000, log_level: str = "info",
-          **options) -> None:
-    """Run the server until interrupted (uvicorn)."""
+          token: Optional[str] = None, allow_insecure: bool = False, **options) -> None:
+    """Run the server until interrupted (uvicorn). Without a token, only a loopback `host` is allowed
+    unless `allow_insecure`."""
     try:
         import uvicorn
     except ImportError as exc:
         raise ConfigError("the reward server needs the `serve` extra: pip install 'pgenrm-lite[serve]'") from exc
-    app = create_app(scorer, profiles, **options)
+    check_bind(host, token, allow_insecure)
+    app = create_app(scorer, profiles, token=token, **options)
+    if not log.handlers:  # one line per request, with its id, beside uvicorn's own log
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s pgenrm-lite %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(log_level.upper())
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
 
 
-__all__ = ["create_app", "serve", "RewardService", "judged_query", "response_of", "DEFAULT_REFERENCE"]
+def check_bind(host: str, token: Optional[str], allow_insecure: bool) -> None:
+    """Refuse to expose an unauthenticated reward server beyond this machine unless told to."""
+    if token is None and not allow_insecure and not is_loopback(host):
+        raise ConfigError(f"refusing to serve on {host} without a token: anyone who can reach it could read "
+                          f"rewards and fill the queue. Set a token ({TOKEN_ENV}=... or --token-file FILE), "
+                          "bind 127.0.0.1, or pass --insecure (allow_insecure=True) if the network is trusted")
+
+
+__all__ = ["create_app", "serve", "RewardService", "judged_query", "response_of", "DEFAULT_REFERENCE",
+           "check_bind", "check_token", "TOKEN_ENV"]

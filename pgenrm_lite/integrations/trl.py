@@ -21,7 +21,10 @@ Reward scheme (see `pgenrm_lite.integrations._groups`): completions of the same 
 the same user in one call form a group (GRPOTrainer passes the `num_generations`
 completions of each prompt together) and are scored with `scorer.score(user, prompt,
 group)`: every pair is compared, all pairs decoded in one batch, and a completion's reward
-is its mean final score over its pairs (0-10). A completion alone in its group (e.g.
+is its mean final score over its pairs (0-10), or with `group_reward="bradley_terry"` its
+Bradley-Terry strength from the pairs' verdicts (centred per group, which GRPO's
+group-relative advantage does anyway; the strengths' standard errors are logged as
+`pgenrm/reward_stderr_mean`). A completion alone in its group (e.g.
 `num_generations=1`) is compared with the `reference_key` column's text when one is
 configured, else gets None. A reward with no parsed chain is None.
 """
@@ -34,6 +37,7 @@ from typing import Any, Callable, Literal, Mapping, Optional
 import orjson
 
 from ..errors import ConfigError
+from ..group_rewards import GroupMethod, check_method
 from ..records import UserProfile
 from ..scorer import MAX_RESPONSES
 from . import non_personalised_user, profile_map
@@ -97,6 +101,7 @@ def _prompt_key(prompt: Any) -> str:
 
 def reward_function(scorer, profiles, *, user_key: str = "user_id", fallback: Fallback = "none",
                     reference_key: Optional[str] = None, max_group: int = MAX_RESPONSES,
+                    group_reward: GroupMethod = "mean",
                     name: str = "pgenrm_reward") -> Callable[..., list[Optional[float]]]:
     """A TRL reward function scoring completions with `scorer` for each row's user.
 
@@ -107,12 +112,14 @@ def reward_function(scorer, profiles, *, user_key: str = "user_id", fallback: Fa
     `fallback="unpersonalised"` the `user_key` column may be absent altogether.
     `reference_key`: a dataset column holding a reference response, used for completions
     alone in their group. `max_group` (2..16) caps a group; larger groups are split evenly.
+    `group_reward`: "mean" (0-10 final scores) or "bradley_terry" (strengths from verdicts).
     The function's `__name__` is `name` (TRL logs rewards under it).
     """
     if fallback not in ("none", "unpersonalised"):
         raise ConfigError(f"fallback must be 'none' or 'unpersonalised', got {fallback!r}")
     if not 2 <= max_group <= MAX_RESPONSES:
         raise ConfigError(f"max_group must be in 2..{MAX_RESPONSES}, got {max_group}")
+    check_method(group_reward)
     users = profile_map(profiles)
 
     def reward(prompts, completions, completion_ids=None, **kwargs) -> list[Optional[float]]:
@@ -144,13 +151,18 @@ def reward_function(scorer, profiles, *, user_key: str = "user_id", fallback: Fa
                               reference=None if ref is None else completion_response(ref)))
             index.append(i)
         rewards: list[Optional[float]] = [None] * n
-        for i, outcome in zip(index, score_items(scorer, items, max_group=max_group)):
+        stderrs = []
+        for i, outcome in zip(index, score_items(scorer, items, max_group=max_group, method=group_reward)):
             r = outcome.reward
             rewards[i] = None if r is None or math.isnan(r) else float(r)
+            if outcome.stderr is not None and math.isfinite(outcome.stderr):
+                stderrs.append(outcome.stderr)
         log_metric = kwargs.get("log_metric")
         if callable(log_metric) and n:
             log_metric("pgenrm/unknown_user_fraction", unknown / n)
             log_metric("pgenrm/no_reward_fraction", sum(r is None for r in rewards) / n)
+            if stderrs:
+                log_metric("pgenrm/reward_stderr_mean", sum(stderrs) / len(stderrs))
         return rewards
 
     reward.__name__ = reward.__qualname__ = name
