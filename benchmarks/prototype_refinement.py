@@ -14,6 +14,10 @@ built from the same embeddings with the same seed through the library's own buil
                  with that prompt as the query, the user's own members excluded), and the
                  share of them whose user has the same objective (chance: about 0.5).
 
+A third row is a yardstick, not an index: every member and every query user represented
+only by the unit mean of its history's chosen-minus-rejected embeddings (the first
+`--refine-history` items), neighbours by plain cosine over all members.
+
     python benchmarks/prototype_refinement.py ../shared/data/hh_two_users_test.jsonl.gz
 
 Writes benchmarks/out/prototype_refinement.json. Embeddings are cached beside it
@@ -80,6 +84,30 @@ def purity(owners: list[str], labels: np.ndarray) -> float:
         objs = [objective(owners[i]) for i in np.flatnonzero(labels == c)]
         good += max(objs.count(o) for o in set(objs))
     return good / len(owners)
+
+
+def _direction(embedder, pairs, limit: int) -> np.ndarray:
+    pairs = list(pairs)[:limit]
+    d = embedder.embed([p.chosen for p in pairs]) - embedder.embed([p.rejected for p in pairs])
+    v = d.mean(axis=0)
+    return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+def yardstick(users, members, owners, embedder, args) -> dict:
+    keys = np.stack([_direction(embedder, m.history, args.refine_history) for m in members])
+    owner_arr = np.array(owners)
+    shares = {n: {"helpful": [], "harmless": []} for n in args.n}
+    for uid, user in users.items():
+        sims = keys @ _direction(embedder, user.history, args.refine_history)
+        sims[owner_arr == uid] = -np.inf
+        order = np.argsort(-sims, kind="stable")
+        for n in args.n:
+            same = [objective(owners[i]) == objective(uid) for i in order[:n]]
+            shares[n][objective(uid)].append(float(np.mean(same)))
+    return {"purity": None, "prototypes_used": None, "notes": [], "build_s": None, "refinement": None,
+            "neighbour_share": {str(n): {"overall": float(np.mean(v["helpful"] + v["harmless"])),
+                                         "helpful": float(np.mean(v["helpful"])),
+                                         "harmless": float(np.mean(v["harmless"]))} for n, v in shares.items()}}
 
 
 def measure(args) -> dict:
@@ -150,6 +178,7 @@ def measure(args) -> dict:
                                         for n, v in shares.items()},
                     "refinement": info.refinement.model_dump(exclude={"file"}) if info.refinement else None,
                     "notes": notes, "build_s": round(build_s, 1)}
+            rows_out["history direction only (yardstick)"] = yardstick(users, members, owners, embedder, args)
             out[granularity] = {"n_members": len(members), "methods": rows_out}
         embedder.save()
         return out
@@ -166,7 +195,8 @@ def main() -> int:
     parser.add_argument("--n", type=int, nargs="+", default=[4, 8], help="neighbours per query")
     parser.add_argument("--queries", type=int, default=3, help="test prompts per pseudo-user used as queries")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--refine-history", type=int, default=8)
+    parser.add_argument("--refine-history", type=int, default=48,
+                        help="history items a refined vector reads (pseudo-users hold about 50)")
     parser.add_argument("--granularities", nargs="+", default=["user", "chain"], choices=["user", "chain"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT_DIR / "prototype_refinement.json")
@@ -178,7 +208,7 @@ def main() -> int:
         heads = ["method", "purity", "protos"] + [f"share@{n} (help/harm)" for n in args.n]
         body = []
         for method, r in res["methods"].items():
-            body.append([method, fmt(r["purity"], 3), r["prototypes_used"]]
+            body.append([method, fmt(r["purity"], 3), r["prototypes_used"] or "-"]
                         + [f"{fmt(r['neighbour_share'][str(n)]['overall'], 3)} "
                            f"({fmt(r['neighbour_share'][str(n)]['helpful'], 2)}/"
                            f"{fmt(r['neighbour_share'][str(n)]['harmless'], 2)})" for n in args.n])

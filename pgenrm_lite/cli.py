@@ -308,11 +308,13 @@ def cmd_info(args) -> int:
     if m.embedder:
         e = m.embedder
         print(f"  embedder: {e.dir}/{e.model_file} (dim {e.dimension}, {e.pooling} pooling, "
-              f"{'normalised' if e.normalized else 'not normalised'}, max length {e.max_length})")
+              f"{'normalised' if e.normalized else 'not normalised'}, max length {e.max_length}"
+              f"{', query prefix ' + repr(e.query_prefix) if e.query_prefix else ''})")
     if m.prototypes:
         p = m.prototypes
-        print(f"  prototypes: {p.count} over {p.n_members} members (persona from {p.persona_source}, "
-              f"members carry {p.members_carry}, ef {p.ef})")
+        refined = f", refined ({p.refinement.epochs} epoch(s), {p.refinement.n_examples} targets)" if p.refinement else ""
+        print(f"  prototypes: {p.count} over {p.n_members} {p.granularity} members (persona from {p.persona_source}, "
+              f"members carry {p.members_carry}, ef {p.ef}{refined})")
     print(f"  template: {m.template.get('name', 'custom')} (output contract {m.template.get('contract', 'structured')})")
     if m.defaults:
         print("  recommended options: " + ", ".join(f"{k}={v}" for k, v in m.defaults.items()))
