@@ -181,6 +181,10 @@ def measure(args) -> dict:
             rows_out["history direction only (yardstick)"] = yardstick(users, members, owners, embedder, args)
             out[granularity] = {"n_members": len(members), "methods": rows_out}
         embedder.save()
+        desc = embedder.inner.description
+        out["_embedder"] = {"source": desc.get("source"), "pooling": desc.get("pooling"),
+                            "dimension": desc.get("dimension"), "max_length": desc.get("max_length"),
+                            "quantized": desc.get("quantized")}
         return out
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -204,6 +208,8 @@ def main() -> int:
     t0 = time.perf_counter()
     result = measure(args)
     for granularity, res in result.items():
+        if granularity.startswith("_"):
+            continue
         print(f"\n{granularity} members: {res['n_members']}, k={args.k}")
         heads = ["method", "purity", "protos"] + [f"share@{n} (help/harm)" for n in args.n]
         body = []
@@ -220,7 +226,7 @@ def main() -> int:
                                        "k": args.k, "n": args.n, "queries_per_user": args.queries,
                                        "refine_epochs": args.epochs, "refine_history": args.refine_history,
                                        "seed": args.seed, "persona_source": "history",
-                                       "embedder": str(args.embedder or "all-MiniLM-L6-v2 (exported fp32)")},
+                                       "embedder": result.pop("_embedder")},
                           "results": result, "seconds": round(time.perf_counter() - t0, 1)})
     return 0
 
