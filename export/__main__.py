@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bundle": ("export.bundle_build", "assemble a bundle directory from exported files"),
     "prototypes": ("export.prototypes_build", "build the user-prototype index into a bundle"),
     "default-bundle": ("export.default_bundle", "build the embedded default bundle"),
+    "quantize": ("export.quantize", "re-quantise a GGUF file with llama.cpp's quantiser"),
+    "check-quant": ("export.check_quant", "check a quantised judge's verdicts against a reference GGUF"),
 }
 
 

@@ -16,10 +16,17 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
-import llama_cpp
-import numpy as np
+# llama.cpp's CPU backend (built with OpenMP) spins idle worker threads by default. On cores
+# shared with other busy processes that turns each decode step into a wait for a descheduled
+# spinner: one SmolLM2 compare took 344 s with 2 spinning threads and 9 s with passive ones
+# (2 cores, load average 4). Passive waiting is the default here; a caller's own setting wins.
+# It must be set before llama.cpp's library (and with it libgomp) is loaded.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import llama_cpp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from .chat import ChatFormatter
 from .errors import ClosedError, ConfigError, ContextOverflowError, EngineError
@@ -155,7 +162,7 @@ class Engine:
         self._ctx = ctx
         self._mem = llama_cpp.llama_get_memory(ctx)
         self.n_ctx = llama_cpp.llama_n_ctx(ctx)
-        self.n_batch = n_batch
+        self.n_batch = llama_cpp.llama_n_batch(ctx)  # llama.cpp clamps it to n_ctx: a larger chunk would abort
         self.n_seq_max = n_seq_max
         self.kv_unified = kv_unified
         # Cells one sequence can hold: the whole context, or its own stream.
@@ -574,6 +581,31 @@ class Engine:
             return True
         finally:
             llama_cpp.llama_sampler_free(g)
+
+    def prompt_logprobs(self, tokens: Sequence[int]) -> Iterator[np.ndarray]:
+        """Next-token log-probabilities after every prefix of `tokens`, one [n, n_vocab] float32 array
+        per batch of up to n_batch positions (so a long prompt never holds all its rows at once).
+
+        Uses sequence 0 from an empty memory; what a `generate` call left there is cleared."""
+        self._require_open()
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ConfigError("no tokens to evaluate")
+        if len(tokens) > self.n_ctx_seq:
+            raise ContextOverflowError(f"{len(tokens)} tokens do not fit the context of {self.n_ctx_seq} per sequence; "
+                                       "load the model with a larger n_ctx", n_prompt_tokens=len(tokens),
+                                       max_tokens=0, n_ctx=self.n_ctx_seq)
+        if min(tokens) < 0 or max(tokens) >= self.n_vocab:
+            raise ConfigError(f"token ids must be in 0..{self.n_vocab - 1}")
+        llama_cpp.llama_memory_clear(self._mem, True)
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            self._fill_batch([(t, start + i, 0, True) for i, t in enumerate(chunk)])
+            self._decode()
+            rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx), shape=(len(chunk), self.n_vocab))
+            rows = rows.astype(np.float32) - rows.max(axis=1, keepdims=True)
+            yield rows - np.log(np.exp(rows).sum(axis=1, keepdims=True))
+        llama_cpp.llama_memory_clear(self._mem, True)
 
     def _make_chain(self, seed: int, params: SamplingParams):
         sparams = llama_cpp.llama_sampler_chain_default_params()

@@ -130,12 +130,15 @@ class Scorer:
     def from_bundle(cls, path: str | os.PathLike, *, n_samples: int = 1, n_neighbors: int = 0,
                     device: str = "auto", seed: int = 0, n_ctx: int | None = None,
                     n_threads: int | None = None, verify: str = "size",
-                    chat_template: str | os.PathLike | None = None, **options) -> "Scorer":
+                    chat_template: str | os.PathLike | None = None, model: str | os.PathLike | None = None,
+                    **options) -> "Scorer":
         """Open a bundle (verifying it first) and load its model, embedder and prototypes.
 
         Options not given here fall back to the bundle's recommended `defaults`, then to
         the output contract's and the Scorer's own defaults. `chat_template` (Jinja text or
         a path to a .jinja file) replaces the chat template of the bundle and of the GGUF file.
+        `model`: a GGUF file loaded in place of the bundle's own, with all of the bundle's
+        settings (e.g. a re-quantised copy under `python -m export check-quant`).
         """
         _check_counts(n_samples, n_neighbors)
         check_seed(seed)
@@ -145,7 +148,14 @@ class Scorer:
         max_tokens = options.get("max_tokens") or options["template"].output_contract.max_tokens
         if chat_template is None:
             chat_template = bundle.chat_template()
-        engine = Engine(bundle.llm_path, n_ctx=n_ctx or _auto_n_ctx(n_samples + n_neighbors, max_tokens),
+        llm_path = bundle.llm_path
+        if model is not None:
+            from .engine import model_file_ok
+
+            llm_path = Path(model)
+            if not model_file_ok(llm_path):
+                raise ConfigError(f"{llm_path} is not a readable GGUF v2/v3 file")
+        engine = Engine(llm_path, n_ctx=n_ctx or _auto_n_ctx(n_samples + n_neighbors, max_tokens),
                         n_threads=n_threads, device=device, chat_template=_template_text(chat_template))
         try:
             prototypes = None

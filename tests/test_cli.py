@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 import json
+import os
 
 from pgenrm_lite.cli import main
 
 
 def test_doctor_reports_versions_and_the_openmp_hint(monkeypatch, capsys):
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    import pgenrm_lite.engine  # noqa: F401  (importing the engine sets the default wait policy)
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
     assert main(["doctor", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["packages"]["llama-cpp-python"] and info["packages"]["onnxruntime"]
     openmp = "OPENMP = 1" in info["llama_cpp_system_info"]
-    assert any("OMP_WAIT_POLICY=PASSIVE" in h for h in info["hints"]) == openmp
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert any("OMP_WAIT_POLICY=ACTIVE" in h for h in info["hints"]) == openmp
+    monkeypatch.delenv("OMP_WAIT_POLICY")
     assert main(["doctor", "--json"]) == 0
     assert not any("OMP_WAIT_POLICY" in h for h in json.loads(capsys.readouterr().out)["hints"])
     assert main(["doctor"]) == 0
     assert "hints: none" in capsys.readouterr().out
+
+
+def test_the_runtime_makes_openmp_threads_wait_passively_unless_told_otherwise():
+    import subprocess
+    import sys
+
+    code = "import os, pgenrm_lite.engine; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "ACTIVE"
 
 
 def test_doctor_reports_the_build_and_a_child_decode(tiny_gguf, tmp_path, capsys):
