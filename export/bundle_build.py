@@ -117,5 +117,5 @@ def _copy_embedder(src: Path, bundle: Path) -> tuple[EmbedderInfo, list[str]]:
         shutil.copyfile(src / name, dest / name)
     info = EmbedderInfo(dir=EMBEDDER_DIR, model_file=desc["model_file"], tokenizer_file=desc["tokenizer_file"],
                         dimension=desc["dimension"], pooling=desc["pooling"], normalized=desc["normalized"],
-                        max_length=desc["max_length"])
+                        max_length=desc["max_length"], query_prefix=desc.get("query_prefix"))
     return info, [f"{EMBEDDER_DIR}/{n}" for n in names]

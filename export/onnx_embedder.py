@@ -4,6 +4,13 @@ The graph takes token ids (plus attention mask, plus token type ids when the mod
 them) with dynamic batch and sequence axes and returns `sentence_embedding` [batch, dim]:
 pooling and L2 normalisation run inside the graph, so the runtime only tokenises and pads.
 
+Pooling: mean, CLS, or last token (decoder embedders such as Qwen3-Embedding). For
+last-token pooling the graph takes the last position the attention mask keeps and derives
+position ids from the mask, so a row padded on the left embeds exactly as one padded on
+the right. Such models may ask for an instruction before queries (sentence-transformers'
+`prompts["query"]`); it is recorded as `query_prefix` and the runtime prepends it to query
+texts only (`Embedder.embed(texts, query=True)`).
+
 Output directory:
     model.onnx      the graph; with --int8 it *is* the quantised graph (no fp32 copy is
                     kept, so a bundle ships one model file; `quantized` in embedder.json
@@ -18,6 +25,7 @@ The directory is built under a temporary name beside the target and renamed on s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import logging
 import os
@@ -45,7 +53,7 @@ MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 DESCRIPTION_FILE = "embedder.json"
 OUTPUT_NAME = "sentence_embedding"
-POOLING_MODES = ("mean", "cls")
+POOLING_MODES = ("mean", "cls", "last")
 OPSET = 20
 # fp32 graph against torch on the built-in check batch; far above float noise (~1e-7).
 CHECK_TOLERANCE = 1e-4
@@ -54,6 +62,8 @@ INT8_SCHEME = ("onnxruntime dynamic quantisation: int8 per-channel weights, uint
 
 # modules.json entries the exporter understands; anything else (Dense, ...) is refused.
 _TRANSFORMER, _POOLING, _NORMALIZE = "Transformer", "Pooling", "Normalize"
+# 1_Pooling/config.json key suffix -> our pooling name
+_POOLING_KEYS = {"cls_token": "cls", "mean_tokens": "mean", "lasttoken": "last"}
 _CHECK_TEXTS = ("A short sentence.",
                 "A much longer sentence that the check repeats until it reaches the maximum length. " * 40)
 
@@ -69,6 +79,7 @@ class SourceModel:
     max_seq_length: int | None
     pooling_dimension: int | None
     tokenizer_file: Path | None
+    query_prefix: str | None = None
 
 
 # -- command line ------------------------------------------------------------------------
@@ -82,12 +93,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=None,
                         help="token limit (default: sentence_bert_config.json max_seq_length)")
     parser.add_argument("--source", default=None, help="model name to record (default: guessed from the folder)")
+    parser.add_argument("--pooling", choices=POOLING_MODES, default=None,
+                        help="pooling (default: the one 1_Pooling/config.json names)")
+    parser.add_argument("--query-prefix", default=None,
+                        help="instruction prepended to query texts at run time (default: the model's "
+                        "prompts['query'] in config_sentence_transformers.json, if any; '' for none)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
 def run(args: argparse.Namespace) -> int:
     summary = export_embedder(args.hf, args.out, int8=args.int8, max_length=args.max_length,
-                              source=args.source, force=args.force)
+                              source=args.source, force=args.force, pooling=args.pooling,
+                              query_prefix=args.query_prefix)
     desc = summary["description"]
     check = summary["check"]
     print(f"wrote {summary['out_dir']} in {summary['seconds']:.1f}s")
@@ -95,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
           f"{desc['quantized'] or 'fp32'}), opset {desc['opset']}")
     print(f"  embedding  dim {desc['dimension']}, {desc['pooling']} pooling, "
           f"normalised ({desc['normalize_from']}), max_length {desc['max_length']}")
+    if desc.get("query_prefix"):
+        print(f"  queries    prefixed with {desc['query_prefix']!r}")
     print(f"  inputs     {', '.join(desc['input_names'])} -> {desc['output_name']}")
     print(f"  check      fp32 vs torch max |diff| {check['fp32_max_abs_diff']:.2e}"
           + (f"; int8 vs fp32 min cosine {check['int8_min_cosine']:.4f}" if "int8_min_cosine" in check else ""))
@@ -104,14 +123,22 @@ def run(args: argparse.Namespace) -> int:
 # -- the export --------------------------------------------------------------------------
 
 def export_embedder(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, int8: bool = False,
-                    max_length: int | None = None, source: str | None = None, force: bool = False) -> dict:
+                    max_length: int | None = None, source: str | None = None, force: bool = False,
+                    pooling: str | None = None, query_prefix: str | None = None) -> dict:
     """Export `hf_dir` into `out_dir`; return a summary with the written description.
 
-    Raises ExportError (or its subclasses) for anything wrong with the input; nothing is
-    left at `out_dir` unless the whole export succeeded.
+    `pooling` overrides the folder's Pooling module; `query_prefix` its query prompt ("" for
+    none). Raises ExportError (or its subclasses) for anything wrong with the input; nothing
+    is left at `out_dir` unless the whole export succeeded.
     """
     start = time.monotonic()
     src = read_source(Path(hf_dir))
+    if pooling is not None:
+        if pooling not in POOLING_MODES:
+            raise ExportError(f"pooling must be one of {', '.join(POOLING_MODES)}, got {pooling!r}")
+        src = dataclasses.replace(src, pooling=pooling)
+    if query_prefix is not None:
+        src = dataclasses.replace(src, query_prefix=query_prefix or None)
     out = Path(out_dir)
     with building_dir(out, force) as tmp, Progress(5 if int8 else 4, "onnx-embedder", unit="step") as bar:
         desc, check = _export_into(tmp, src, int8=int8, max_length=max_length, source=source, bar=bar)
@@ -140,7 +167,11 @@ def _export_into(tmp: Path, src: SourceModel, *, int8: bool, max_length: int | N
     bar.update(1, postfix="loaded")
     limit = _max_length(src, model.config, max_length)
     tokenizer_path = _write_tokenizer(src, tmp / TOKENIZER_FILE)
-    takes_types = "token_type_ids" in inspect.signature(model.forward).parameters
+    parameters = inspect.signature(model.forward).parameters
+    takes_types = "token_type_ids" in parameters
+    if src.pooling == "last" and "position_ids" not in parameters:
+        raise ExportError(f"last-token pooling needs a model that takes position_ids (a decoder); "
+                          f"{type(model).__name__} does not")
     encoder = SentenceEncoder(model, src.pooling).eval()
     input_names = ["input_ids", "attention_mask"] + (["token_type_ids"] if takes_types else [])
 
@@ -187,6 +218,7 @@ def _description(src: SourceModel, *, dimension: int, max_length: int, input_nam
         "dimension": int(dimension),
         "max_length": int(max_length),
         "pooling": src.pooling,
+        "query_prefix": src.query_prefix,
         "normalized": True,
         # "modules.json" when the source model normalises; "exporter" when we added it so
         # that every embedder the runtime sees returns unit vectors (cosine is unchanged).
@@ -232,13 +264,24 @@ def read_source(root: Path) -> SourceModel:
     tok = transformer_dir / TOKENIZER_FILE
     return SourceModel(root=root, transformer_dir=transformer_dir, pooling=pooling,
                        has_normalize=_NORMALIZE in kinds, max_seq_length=st_config.get("max_seq_length"),
-                       pooling_dimension=pooling_dim, tokenizer_file=tok if tok.is_file() else None)
+                       pooling_dimension=pooling_dim, tokenizer_file=tok if tok.is_file() else None,
+                       query_prefix=_query_prompt(root / "config_sentence_transformers.json"))
+
+
+def _query_prompt(path: Path) -> str | None:
+    """sentence-transformers' `prompts["query"]`: the instruction its users put before a query."""
+    cfg = _read_json(path, None) or {}
+    prompts = cfg.get("prompts") if isinstance(cfg, dict) else None
+    query = prompts.get("query") if isinstance(prompts, dict) else None
+    if query is not None and not isinstance(query, str):
+        raise ExportError(f"{path}: prompts.query should be a string, got {type(query).__name__}")
+    return query or None
 
 
 def _read_pooling(path: Path) -> tuple[str, int | None]:
     cfg = _read_json(path, f"{path} is missing: the Pooling module has no config")
-    modes = [key[len("pooling_mode_"):].removesuffix("_token").removesuffix("_tokens")
-             for key, on in cfg.items() if key.startswith("pooling_mode_") and on is True]
+    suffixes = [key[len("pooling_mode_"):] for key, on in cfg.items() if key.startswith("pooling_mode_") and on is True]
+    modes = [_POOLING_KEYS.get(s, s.removesuffix("_tokens").removesuffix("_token")) for s in suffixes]
     if len(modes) != 1 or modes[0] not in POOLING_MODES:
         raise ExportError(f"{path} asks for pooling {modes or 'none'}; the exporter supports exactly one "
                           f"of {', '.join(POOLING_MODES)}")
@@ -330,13 +373,24 @@ class SentenceEncoder(torch.nn.Module):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
+        if self.pooling == "last":
+            # Positions count kept tokens only, so left padding does not shift a row's positions.
+            kwargs["position_ids"] = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
         tokens = self.backbone(**kwargs).last_hidden_state
         if self.pooling == "cls":
             pooled = tokens[:, 0]
+        elif self.pooling == "last":
+            pooled = tokens[torch.arange(tokens.shape[0]), last_kept(attention_mask)]
         else:
             mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
             pooled = (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+
+def last_kept(attention_mask):
+    """Index of each row's last kept token, whichever side the row is padded on."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device, dtype=torch.float32)
+    return (attention_mask.to(torch.float32) * positions).argmax(dim=1)  # float: ArgMax has no int64 kernel everywhere
 
 
 def _torch_export(encoder, path: Path, input_names: list[str]) -> None:

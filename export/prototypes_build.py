@@ -17,6 +17,15 @@ Persona sources:
   sha256, the seed and the sampling options, so stale ones are never reused. The file is
   kept after the build: rebuilding with another k reuses every persona.
 
+Members (`--members`): `user` makes one member per user; `chain` (the paper's) one member
+per train/val item of a user, id `<user_id>#<item>`, whose history is up to three of the
+user's other items (`pgenrm_lite.prototypes.chain_members`); its LLM persona is PART 1 of
+the chain judging that item with that history.
+
+`--refine` trains the refinement model on the members' histories after k-means and puts
+the index in the refined space (`export/prototype_refine.py`); the manifest records the
+settings and the runtime reads the exported arrays (no torch at run time).
+
 Members with neither history nor stated preferences are skipped: as neighbours they
 would show the model nothing.
 """
@@ -39,9 +48,9 @@ from pgenrm_lite._progress import Progress
 from pgenrm_lite.bundle import Bundle, read_manifest
 from pgenrm_lite.datasets import load_hh, load_rows, users_from_rows
 from pgenrm_lite.errors import ConfigError, ExportError
-from pgenrm_lite.prototypes import (build_hnsw, explained_variance, kmeans, member_record, persona_checkpoint_path,
-                                    write_generation, writer_lock)
-from pgenrm_lite.records import PrototypeInfo, UserProfile
+from pgenrm_lite.prototypes import (build_hnsw, chain_members, explained_variance, kmeans, member_record,
+                                    persona_checkpoint_path, write_generation, writer_lock)
+from pgenrm_lite.records import Preference, PrototypeInfo, UserProfile
 
 EMBED_BATCH = 64
 
@@ -63,30 +72,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit-users", type=int, default=None, help="use only the first N users of the file")
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="llm only: token budget of a persona chain (default: the Scorer's)")
+    parser.add_argument("--members", choices=("user", "chain"), default="user",
+                        help="one member per user (default) or one per train/val item with that item's "
+                        "history (the paper's)")
+    parser.add_argument("--refine", action="store_true",
+                        help="refine the k-means prototypes with the attention model over members' histories")
+    parser.add_argument("--refine-epochs", type=int, default=1)
+    parser.add_argument("--refine-lr", type=float, default=1e-3)
+    parser.add_argument("--refine-ema", type=float, default=0.98)
+    parser.add_argument("--refine-batch", type=int, default=32)
+    parser.add_argument("--refine-history", type=int, default=8,
+                        help="history items a member's refined vector reads (and a query user's)")
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
     users = read_users(args.data, fmt=args.format, users_per_objective=args.users_per_objective,
-                       limit_users=args.limit_users)
+                       limit_users=args.limit_users, splits=SPLITS[args.members])
+    refine = None
+    if args.refine:
+        from export.prototype_refine import RefineSettings
+
+        refine = RefineSettings(epochs=args.refine_epochs, lr=args.refine_lr, ema=args.refine_ema,
+                                batch_size=args.refine_batch, history_pairs=args.refine_history)
     info = build_prototypes(args.bundle, users, k=args.k, persona_source=args.persona_source,
                             members_carry=args.members_carry, seed=args.seed, ef=args.ef,
-                            max_tokens=args.max_tokens, report=print)
-    print(f"{info.n_members} members in {info.count} prototypes (dim {info.dimension}, ef {info.ef}, "
-          f"{info.persona_source} personas, records carry {info.members_carry}) written to {args.bundle} "
+                            max_tokens=args.max_tokens, members=args.members, refine=refine, report=print)
+    print(f"{info.n_members} {info.granularity} members in {info.count} prototypes (dim {info.dimension}, "
+          f"ef {info.ef}, {info.persona_source} personas, records carry {info.members_carry}"
+          f"{', refined' if info.refinement else ''}) written to {args.bundle} "
           f"in {time.monotonic() - start:.1f}s")
     return 0
 
 
+# Rows that make a member's history: chain members are the official train/val items.
+SPLITS = {"user": ("train",), "chain": ("train", "val")}
+
+
 def read_users(path: Path, *, fmt: str = "prb", users_per_objective: int = 1,
-               limit_users: Optional[int] = None) -> dict[str, UserProfile]:
+               limit_users: Optional[int] = None, splits: tuple[str, ...] = ("train",)) -> dict[str, UserProfile]:
     if fmt == "hh":
         rows = load_hh(path, users_per_objective=users_per_objective)
     elif users_per_objective != 1:
         raise ConfigError("--users-per-objective applies to --format hh only")
     else:
         rows = load_rows(path)
-    users = users_from_rows(rows)
+    users = users_from_rows(rows, splits=splits)
     if limit_users is not None:
         if limit_users < 1:
             raise ConfigError(f"--limit-users must be >= 1, got {limit_users}")
@@ -97,19 +128,21 @@ def read_users(path: Path, *, fmt: str = "prb", users_per_objective: int = 1,
 def build_prototypes(bundle_dir: str | os.PathLike, users: dict[str, UserProfile], *, k: int = 50,
                      persona_source: str = "history", members_carry: str = "history", seed: int = 0,
                      ef: int = 64, progress: Optional[bool] = None, max_tokens: Optional[int] = None,
-                     scorer_options: Optional[dict] = None,
+                     scorer_options: Optional[dict] = None, members: str = "user", refine=None,
                      report: Callable[[str], None] = lambda s: None) -> PrototypeInfo:
     """Build the prototype index of `users` into the bundle at `bundle_dir`; return its manifest entry.
 
     `progress`: draw progress bars (None: only on a terminal). `report` receives one-line
     notes. `scorer_options` go to `Scorer.from_bundle` for LLM personas (e.g. n_threads,
-    analysis_chars).
+    analysis_chars). `members`: "user" or "chain"; `refine`: `RefineSettings` to refine.
     """
     root = Path(bundle_dir)
     if persona_source not in ("history", "llm"):
         raise ConfigError(f"persona_source must be 'history' or 'llm', got {persona_source!r}")
     if members_carry not in ("history", "persona"):
         raise ConfigError(f"members_carry must be 'history' or 'persona', got {members_carry!r}")
+    if members not in ("user", "chain"):
+        raise ConfigError(f"members must be 'user' or 'chain', got {members!r}")
     if not isinstance(k, int) or k < 1 or not isinstance(ef, int) or ef < 1:
         raise ConfigError(f"k and ef must be positive integers (k={k!r}, ef={ef!r})")
     bundle = Bundle.open(root, verify="size")
@@ -120,15 +153,17 @@ def build_prototypes(bundle_dir: str | os.PathLike, users: dict[str, UserProfile
     if members_carry == "persona" and persona_source == "history":
         warnings.warn("members_carry='persona' with persona_source='history': the persona *is* the history "
                       "text, so member records still carry raw preference pairs", UserWarning, stacklevel=2)
-    members = [u for u in users.values() if u.history or u.stated_preferences]
-    if len(members) < len(users):
-        report(f"skipped {len(users) - len(members)} user(s) with no history and no stated preferences")
-    if not members:
+    granularity = members
+    kept = [u for u in users.values() if u.history or u.stated_preferences]
+    if len(kept) < len(users):
+        report(f"skipped {len(users) - len(kept)} user(s) with no history and no stated preferences")
+    if not kept:
         raise ExportError("no user with a preference history to build prototypes from")
+    members, targets = member_list(kept, granularity, seed=seed)
 
     if persona_source == "llm":
         personas = llm_personas(root, members, seed=seed, max_tokens=max_tokens, progress=progress,
-                                scorer_options=scorer_options or {}, report=report)
+                                scorer_options=scorer_options or {}, report=report, targets=targets)
     else:
         personas = [protocol.persona_from_history(u) for u in members]
 
@@ -143,13 +178,33 @@ def build_prototypes(bundle_dir: str | os.PathLike, users: dict[str, UserProfile
             bar.update(len(chunk))
 
     return index_members(root, members, personas, vectors, k=k, persona_source=persona_source,
-                         members_carry=members_carry, seed=seed, ef=ef, report=report)
+                         members_carry=members_carry, seed=seed, ef=ef, report=report, granularity=granularity,
+                         refine=refine, targets=targets, embed=embedder.embed, progress=progress)
+
+
+def member_list(users: list[UserProfile], granularity: str, *, seed: int
+                ) -> tuple[list[UserProfile], list[Optional[Preference]]]:
+    """The members and, for chain members, the item each was made for (None for user members)."""
+    if granularity == "user":
+        return list(users), [None] * len(users)
+    members, targets = [], []
+    for u in users:
+        chains = chain_members(u, seed=seed)
+        members += chains
+        targets += list(u.history)
+        if not chains:  # stated preferences only: one member as in user mode
+            members.append(u)
+            targets.append(None)
+    return members, targets
 
 
 def index_members(bundle_dir: str | os.PathLike, members: list[UserProfile], personas: list[str],
                   vectors: np.ndarray, *, k: int, persona_source: str, members_carry: str, seed: int = 0,
-                  ef: int = 64, report: Callable[[str], None] = lambda s: None) -> PrototypeInfo:
-    """Cluster already embedded personas and write the index into the bundle (the builder's second half)."""
+                  ef: int = 64, report: Callable[[str], None] = lambda s: None, granularity: str = "user",
+                  refine=None, targets: Optional[list] = None, embed=None,
+                  progress: Optional[bool] = None) -> PrototypeInfo:
+    """Cluster already embedded personas (optionally refine) and write the index into the bundle
+    (the builder's second half). Refinement needs `embed` (texts -> unit rows) for the histories."""
     root = Path(bundle_dir)
     if not len(members) == len(personas) == len(vectors):
         raise ConfigError(f"{len(members)} members, {len(personas)} personas and {len(vectors)} vectors")
@@ -161,12 +216,26 @@ def index_members(bundle_dir: str | os.PathLike, members: list[UserProfile], per
     labels = np.searchsorted(used, labels).astype(np.int32)
     report(f"k-means: {len(used)} prototypes for {len(members)} members (asked {k}); explained variance "
            f"{explained_variance(vectors, labels):.3f}")
+    refinement = None
+    if refine is not None:
+        from export.prototype_refine import checkpoint_path as refine_checkpoint, refine as run_refine
+
+        if embed is None:
+            raise ConfigError("refinement needs an embed function for the members' histories")
+        done = run_refine(members, targets or [None] * len(members), vectors, centroids, labels, embed,
+                          settings=refine, seed=seed, checkpoint=refine_checkpoint(root), progress=progress,
+                          report=report)
+        for note in done.notes:
+            report(note)
+        vectors, centroids, labels = done.vectors, done.centroids, done.labels
+        refinement = (done.info, done.space)
     records = [member_record(u, p, members_carry) for u, p in zip(members, personas)]
     with writer_lock(root):
         manifest = write_generation(
             root, read_manifest(root), centroids=build_hnsw(centroids, seed=seed, ef=ef),
             members=build_hnsw(vectors, seed=seed, ef=ef, capacity=len(members) + 16), records=records,
-            assignments=labels, ef=ef, persona_source=persona_source, members_carry=members_carry, seed=seed)
+            assignments=labels, ef=ef, persona_source=persona_source, members_carry=members_carry, seed=seed,
+            granularity=granularity, refinement=refinement)
     return manifest.prototypes
 
 
@@ -175,22 +244,29 @@ def index_members(bundle_dir: str | os.PathLike, members: list[UserProfile], per
 checkpoint_path = persona_checkpoint_path  # one place for the name: the runtime forgets users there too
 
 
-def persona_key(user: UserProfile, llm_sha256: str, seed: int, max_tokens: Optional[int], options: dict) -> str:
+def persona_key(user: UserProfile, llm_sha256: str, seed: int, max_tokens: Optional[int], options: dict,
+                target: Optional[Preference] = None) -> str:
     """What an LLM persona depends on; a checkpoint entry is reused only when this matches."""
     h = hashlib.sha256()
     h.update(user.to_json())
+    if target is not None:
+        h.update(b"|target|" + target.to_json())
     h.update(f"|{llm_sha256}|{seed}|{max_tokens}|{sorted(options.items())!r}".encode())
     return h.hexdigest()
 
 
 def llm_personas(root: Path, members: list[UserProfile], *, seed: int, max_tokens: Optional[int],
-                 progress: Optional[bool], scorer_options: dict, report: Callable[[str], None]) -> list[str]:
-    """One persona analysis per member from the bundle's LLM, resuming from the checkpoint file."""
+                 progress: Optional[bool], scorer_options: dict, report: Callable[[str], None],
+                 targets: Optional[list] = None) -> list[str]:
+    """One persona analysis per member from the bundle's LLM, resuming from the checkpoint file.
+
+    A chain member's chain judges its own item (`targets`) with its shown history."""
+    targets = targets or [None] * len(members)
     from pgenrm_lite.scorer import Scorer
 
     manifest = read_manifest(root)
     llm_sha = next(f.sha256 for f in manifest.files if f.path == manifest.llm.file)
-    keys = [persona_key(u, llm_sha, seed, max_tokens, scorer_options) for u in members]
+    keys = [persona_key(u, llm_sha, seed, max_tokens, scorer_options, t) for u, t in zip(members, targets)]
     ckpt = checkpoint_path(root)
     done = _read_checkpoint(ckpt)
     todo = [i for i, key in enumerate(keys) if key not in done]
@@ -205,7 +281,7 @@ def llm_personas(root: Path, members: list[UserProfile], *, seed: int, max_token
             if out.tell() and not ckpt.read_bytes().endswith(b"\n"):
                 out.write(b"\n")  # end a line torn by an interruption, so the next entry stays intact
             for i in todo:
-                persona, fallback = _one_persona(scorer, members[i], seed)
+                persona, fallback = _one_persona(scorer, members[i], seed, targets[i])
                 done[keys[i]] = {"persona": persona, "fallback": fallback}
                 out.write(orjson.dumps({"key": keys[i], "user_id": members[i].user_id, "persona": persona,
                                         "fallback": fallback}) + b"\n")
@@ -218,14 +294,18 @@ def llm_personas(root: Path, members: list[UserProfile], *, seed: int, max_token
     return [done[key]["persona"] for key in keys]
 
 
-def _one_persona(scorer, user: UserProfile, seed: int) -> tuple[str, bool]:
-    """PART 1 of one chain judging one of the user's own pairs, the other pairs shown as history."""
+def _one_persona(scorer, user: UserProfile, seed: int, target: Optional[Preference] = None) -> tuple[str, bool]:
+    """PART 1 of one chain judging one of the user's own pairs, the other pairs shown as history
+    (a chain member: its own item, its history as it is)."""
     if not user.history:
         return protocol.persona_from_history(user), True
-    pick = protocol.derive_seed(seed, "persona", user.user_id) % len(user.history)
-    pair = user.history[pick]
-    others = [p for i, p in enumerate(user.history) if i != pick] or [pair]
-    shown = user.model_copy(update={"history": others})
+    if target is not None:
+        pair, shown = target, user
+    else:
+        pick = protocol.derive_seed(seed, "persona", user.user_id) % len(user.history)
+        pair = user.history[pick]
+        others = [p for i, p in enumerate(user.history) if i != pick] or [pair]
+        shown = user.model_copy(update={"history": others})
     result = scorer.compare(shown, pair.prompt, pair.chosen, pair.rejected,
                             seed=protocol.derive_seed(seed, "persona-chain", user.user_id))
     analyses = [c.analysis.strip() for c in result.chains if c.analysis.strip()]

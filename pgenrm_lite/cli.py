@@ -85,7 +85,7 @@ def _open_scorer(args, **overrides):
                           "or pass --bundle DIR")
     options: dict[str, Any] = {}
     for name in ("max_tokens", "temperature", "expected_scores", "candidate_order", "chat_template",
-                 "min_confidence", "prefix_cache_mb", "prefix_cache_dir", "prefix_cache_disk_mb"):
+                 "min_confidence", "persona_mode", "prefix_cache_mb", "prefix_cache_dir", "prefix_cache_disk_mb"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     options.update(overrides)
@@ -308,11 +308,13 @@ def cmd_info(args) -> int:
     if m.embedder:
         e = m.embedder
         print(f"  embedder: {e.dir}/{e.model_file} (dim {e.dimension}, {e.pooling} pooling, "
-              f"{'normalised' if e.normalized else 'not normalised'}, max length {e.max_length})")
+              f"{'normalised' if e.normalized else 'not normalised'}, max length {e.max_length}"
+              f"{', query prefix ' + repr(e.query_prefix) if e.query_prefix else ''})")
     if m.prototypes:
         p = m.prototypes
-        print(f"  prototypes: {p.count} over {p.n_members} members (persona from {p.persona_source}, "
-              f"members carry {p.members_carry}, ef {p.ef})")
+        refined = f", refined ({p.refinement.epochs} epoch(s), {p.refinement.n_examples} targets)" if p.refinement else ""
+        print(f"  prototypes: {p.count} over {p.n_members} {p.granularity} members (persona from {p.persona_source}, "
+              f"members carry {p.members_carry}, ef {p.ef}{refined})")
     print(f"  template: {m.template.get('name', 'custom')} (output contract {m.template.get('contract', 'structured')})")
     if m.defaults:
         print("  recommended options: " + ", ".join(f"{k}={v}" for k, v in m.defaults.items()))
@@ -494,6 +496,9 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
                    help="draw the candidates' order per sample (default) or once per pair (the official pipeline)")
     p.add_argument("--chat-template", metavar="FILE.jinja", default=None,
                    help="a chat template that replaces the bundle's and the model file's own")
+    p.add_argument("--persona-mode", choices=("cached", "query"), default=None,
+                   help="LLM-persona indexes: neighbours found by the user's first parsed persona, reused "
+                   "(cached, default) or by this call's first parsed chain (query, the official pipeline)")
     p.add_argument("--prefix-cache-mb", type=float, default=None, metavar="MB",
                    help="memory for evaluated system messages reused across calls (default 256; 0: off); "
                         "results are the same either way")

@@ -3,7 +3,11 @@
 Reads a directory written by `python -m export onnx-embedder`: `embedder.json` (the
 description), the ONNX graph (pooling and normalisation inside it) and `tokenizer.json`.
 The inputs fed to the graph are the ones the graph declares, so a model without
-token_type_ids works the same way. Knows nothing of P-GenRM.
+token_type_ids works the same way. Rows are padded on the right by default; a
+last-token-pooling graph finds each row's last kept token from the mask and derives
+positions from it, so `padding_side="left"` gives the same vectors (mean and CLS graphs
+take positions from the row start, so they refuse left padding). Texts embedded with
+`query=True` get the description's `query_prefix` first. Knows nothing of P-GenRM.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ FORMAT = "pgenrm-lite-embedder"
 SUPPORTED_VERSION = 1
 DEVICES = ("auto", "cpu", "gpu")
 KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+PADDING_SIDES = ("right", "left")
 _CPU, _CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 _NUMPY_INT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
@@ -33,7 +38,7 @@ class Embedder:
     """`Embedder.from_dir(path).embed(["some text", ...])` -> float32 [n, dim], unit rows."""
 
     def __init__(self, session: ort.InferenceSession, tokenizer: Tokenizer, description: dict, *,
-                 source: Path | None = None):
+                 source: Path | None = None, padding_side: str = "right"):
         self._session = session
         self._tokenizer = tokenizer
         self._description = description
@@ -43,11 +48,19 @@ class Embedder:
         self._dimension = _graph_dimension(session, self._output, description["dimension"], source)
         self._max_length = int(description["max_length"])
         self._pad_id = _pad_id(tokenizer)
+        self._query_prefix = description.get("query_prefix") or ""
+        if padding_side not in PADDING_SIDES:
+            raise ConfigError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
+        if padding_side == "left" and description.get("pooling") != "last":
+            raise ConfigError(f"padding_side='left' needs a last-token-pooling embedder; this one pools by "
+                              f"{description.get('pooling')!r} with positions counted from the row start")
+        self._padding_side = padding_side
         tokenizer.no_padding()  # we pad per batch ourselves; tokenizer.json may ask for fixed padding
         tokenizer.enable_truncation(self._max_length)
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike, *, device: str = "auto", threads: int | None = None) -> "Embedder":
+    def from_dir(cls, path: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
+                 padding_side: str = "right") -> "Embedder":
         """Load an exported embedder; `device` picks execution providers, `threads` the intra-op pool."""
         root = Path(path)
         if root.is_file() and root.name == DESCRIPTION_FILE:
@@ -68,7 +81,7 @@ class Embedder:
             tokenizer = Tokenizer.from_file(str(tokenizer_path))
         except Exception as exc:
             raise EmbedderError(f"{tokenizer_path} is not a tokenizers JSON file: {exc}") from exc
-        return cls(session, tokenizer, description, source=root)
+        return cls(session, tokenizer, description, source=root, padding_side=padding_side)
 
     # -- properties ------------------------------------------------------------------------
 
@@ -79,6 +92,15 @@ class Embedder:
     @property
     def max_length(self) -> int:
         return self._max_length
+
+    @property
+    def pooling(self) -> str | None:
+        return self._description.get("pooling")
+
+    @property
+    def query_prefix(self) -> str:
+        """Put before texts embedded with `query=True` ('' when the model asks for none)."""
+        return self._query_prefix
 
     @property
     def providers(self) -> list[str]:
@@ -95,9 +117,14 @@ class Embedder:
 
     # -- embedding -------------------------------------------------------------------------
 
-    def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-        """Embed `texts` in batches of similar length; rows come back in the given order."""
+    def embed(self, texts: Sequence[str], batch_size: int = 32, *, query: bool = False) -> np.ndarray:
+        """Embed `texts` in batches of similar length; rows come back in the given order.
+
+        `query=True` marks them as queries: the model's `query_prefix` goes first.
+        """
         texts = _check_texts(texts)
+        if query and self._query_prefix:
+            texts = [self._query_prefix + t for t in texts]
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         out = np.empty((len(texts), self._dimension), dtype=np.float32)
@@ -116,8 +143,9 @@ class Embedder:
         ids = np.full((len(token_rows), width), self._pad_id, dtype=np.int64)
         mask = np.zeros((len(token_rows), width), dtype=np.int64)
         for row, tokens in enumerate(token_rows):
-            ids[row, :len(tokens)] = tokens
-            mask[row, :len(tokens)] = 1
+            cols = slice(width - len(tokens), width) if self._padding_side == "left" else slice(0, len(tokens))
+            ids[row, cols] = tokens
+            mask[row, cols] = 1
         arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
         feed = {name: arrays[name].astype(dtype, copy=False) for name, dtype in self._inputs}
         try:
@@ -157,6 +185,9 @@ def read_description(root: Path) -> dict:
         if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
             raise EmbedderError(f"{path}: field {key!r} should be a "
                                 f"{'positive integer' if kind is int else 'string'}, got {value!r}")
+    prefix = desc.get("query_prefix")
+    if prefix is not None and not isinstance(prefix, str):
+        raise EmbedderError(f"{path}: field 'query_prefix' should be a string or null, got {prefix!r}")
     return desc
 
 

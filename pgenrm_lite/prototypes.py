@@ -7,6 +7,13 @@ Files, all under `prototypes/` in the bundle and named by a generation number N:
     members.gN.jsonl      one `UserProfile` per row; with members_carry="persona" only the
                           user_id and the persona text (no preference pair of anyone ships)
     assignments.gN.npy    int32 [n_members]: each member's prototype
+    refinement.gN.npz     only for refined prototypes: the arrays that place a query user in
+                          the refined space (see `refinement`); members and centroids above
+                          then hold refined vectors
+
+Members are users (`granularity` "user") or chains (`"chain"`, the paper's): one member per
+history item of a user, id `<user_id>#<item>`, holding the item's own shown history.
+Neighbour look-ups never return any member of the asking user.
 
 An update writes generation N+1 beside N (each file: temp file, fsync, rename), then
 switches by rewriting `manifest.json` atomically (its sha256/size entries name the new
@@ -27,7 +34,7 @@ import mmap
 import re
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -39,6 +46,7 @@ from ._atomic import atomic_path
 from .bundle import Bundle, read_manifest, with_files, write_manifest
 from .errors import ConfigError, PrototypeIndexError, RecordError
 from .records import Manifest, PrototypeInfo, UserProfile
+from .refinement import RefinedSpace, history_arrays, mean_query
 
 PROTO_DIR = "prototypes"
 BRUTE_FORCE_BELOW = 64  # members; below this an exact numpy scan is as fast and exact
@@ -46,7 +54,10 @@ HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 200
 LOCK_FILE = ".lock"
 _GENERATION = re.compile(r"\.g(\d+)\.")
-_OUR_FILE = re.compile(r"^(centroids|members|assignments)\.g(\d+)\.(hnsw|jsonl|npy)$")
+_OUR_FILE = re.compile(r"^(centroids|members|assignments|refinement)\.g(\d+)\.(hnsw|jsonl|npy|npz)$")
+CHAIN_SEP = "#"
+GRANULARITIES = ("user", "chain")
+_CARRY = "carry"
 
 
 # -- k-means (spherical: unit vectors, cosine similarity) ------------------------------------
@@ -262,6 +273,41 @@ def file_names(generation: int) -> dict[str, str]:
             "assignments_file": f"{PROTO_DIR}/assignments.{g}.npy"}
 
 
+def refinement_file(generation: int) -> str:
+    return f"{PROTO_DIR}/refinement.g{generation}.npz"
+
+
+def chain_member_id(owner: str, item: int) -> str:
+    return f"{owner}{CHAIN_SEP}{item}"
+
+
+def member_owner(member_id: str, granularity: str) -> str:
+    """The user a member belongs to: itself, or for a chain member the id before the last '#'."""
+    if granularity == "chain":
+        owner, sep, item = member_id.rpartition(CHAIN_SEP)
+        if sep and owner and item.isdigit():
+            return owner
+    return member_id
+
+
+def chain_members(profile: UserProfile, *, seed: int, history_pairs: int = 3) -> list[UserProfile]:
+    """One member per history item: the item's own shown history is up to `history_pairs` of the
+    user's *other* items (seeded pick, kept in order); a user with one item shows that item."""
+    from .protocol import derive_seed
+
+    items = profile.history
+    out = []
+    for j in range(len(items)):
+        others = [i for i in range(len(items)) if i != j]
+        if len(others) > history_pairs:
+            rng = np.random.default_rng(derive_seed(seed, "chain-history", profile.user_id, j))
+            others = sorted(rng.choice(others, size=history_pairs, replace=False).tolist())
+        shown = [items[i] for i in others] or [items[j]]
+        out.append(UserProfile(user_id=chain_member_id(profile.user_id, j), history=shown,
+                               stated_preferences=profile.stated_preferences))
+    return out
+
+
 def member_record(profile: UserProfile, persona_text: str, members_carry: str) -> UserProfile:
     """What a member record stores: the whole profile (plus its persona) or only the persona."""
     if members_carry == "persona":
@@ -289,11 +335,15 @@ def writer_lock(root: Path) -> Iterator[None]:
 
 def write_generation(root: Path, manifest: Manifest, *, centroids: hnswlib.Index, members: hnswlib.Index,
                      records: Sequence[UserProfile], assignments: np.ndarray, ef: int,
-                     persona_source: str, members_carry: str, seed: int) -> Manifest:
+                     persona_source: str, members_carry: str, seed: int, granularity: str | None = None,
+                     refinement=_CARRY) -> Manifest:
     """Write the next generation of prototype files and switch the manifest to it; return the manifest.
 
     The single place that knows the file layout; the offline builder and `add_user` both
     call it, holding `writer_lock(root)`. `manifest` must be the one currently on disk.
+    `granularity` None keeps the current one. `refinement`: "carry" keeps the current
+    refinement (its arrays copied to the new generation), None drops it, or a pair
+    (RefinementInfo, RefinedSpace) writes new arrays.
     """
     root = Path(root)
     n = len(records)
@@ -304,8 +354,23 @@ def write_generation(root: Path, manifest: Manifest, *, centroids: hnswlib.Index
     if n and (assignments.min() < 0 or assignments.max() >= centroids.get_current_count()):
         raise PrototypeIndexError("an assignment names a prototype that does not exist")
     old = manifest.prototypes
-    names = file_names(generation_of(old) + 1)
+    generation = generation_of(old) + 1
+    names = file_names(generation)
+    granularity = granularity or (old.granularity if old else "user")
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     (root / PROTO_DIR).mkdir(parents=True, exist_ok=True)
+    refined = None
+    if isinstance(refinement, str) and refinement == _CARRY:
+        if old is not None and old.refinement is not None:
+            refined = old.refinement.model_copy(update={"file": refinement_file(generation)})
+            with atomic_path(root / refined.file) as tmp:
+                tmp.write_bytes((root / old.refinement.file).read_bytes())
+    elif refinement is not None:
+        info_r, space = refinement
+        refined = info_r.model_copy(update={"file": refinement_file(generation)})
+        with atomic_path(root / refined.file) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **space.arrays())
     with atomic_path(root / names["centroids_file"]) as tmp:
         centroids.save_index(str(tmp))
     with atomic_path(root / names["members_index_file"]) as tmp:
@@ -316,11 +381,12 @@ def write_generation(root: Path, manifest: Manifest, *, centroids: hnswlib.Index
     with atomic_path(root / names["assignments_file"]) as tmp, open(tmp, "wb") as fh:
         np.save(fh, assignments, allow_pickle=False)
     info = PrototypeInfo(count=centroids.get_current_count(), n_members=n, dimension=centroids.dim, ef=ef,
-                         persona_source=persona_source, members_carry=members_carry, seed=seed, **names)
+                         persona_source=persona_source, members_carry=members_carry, seed=seed,
+                         granularity=granularity, refinement=refined, **names)
     old_files = set(_info_files(old))
     kept = manifest.model_copy(update={"files": [f for f in manifest.files if f.path not in old_files],
                                        "prototypes": info})
-    new_manifest = with_files(root, kept, list(names.values()))
+    new_manifest = with_files(root, kept, list(names.values()) + ([refined.file] if refined else []))
     write_manifest(root, new_manifest)  # the switch: before this line the old generation is the bundle
     remove_stale_files(root, new_manifest)
     return new_manifest
@@ -344,14 +410,15 @@ def persona_checkpoint_path(bundle_dir: Path) -> Path:
 
 
 def forget_persona_checkpoint(bundle_dir: Path, user_id: str) -> int:
-    """Rewrite the persona checkpoint without `user_id`'s entries (atomically); return how many went."""
+    """Rewrite the persona checkpoint without `user_id`'s entries, their chain members' included
+    (`<user_id>#<item>`, whichever granularity wrote them), atomically; return how many went."""
     path = persona_checkpoint_path(bundle_dir)
     if not path.is_file():
         return 0
     kept, dropped = [], 0
     for line in path.read_bytes().splitlines():
         try:
-            mine = orjson.loads(line).get("user_id") == user_id
+            mine = member_owner(str(orjson.loads(line).get("user_id")), "chain") == user_id
         except (orjson.JSONDecodeError, AttributeError):
             mine = False  # a torn line: the builder skips it; keep it rather than guess
         if mine:
@@ -381,7 +448,8 @@ def remove_stale_files(root: Path, manifest: Manifest) -> None:
 def _info_files(info: PrototypeInfo | None) -> list[str]:
     if info is None:
         return []
-    return [info.centroids_file, info.members_index_file, info.members_file, info.assignments_file]
+    refined = [info.refinement.file] if info.refinement is not None else []
+    return [info.centroids_file, info.members_index_file, info.members_file, info.assignments_file] + refined
 
 
 # -- the index ---------------------------------------------------------------------------
@@ -429,10 +497,15 @@ class _State:
     assignments: np.ndarray
     row_of: dict[str, int]
     by_prototype: list[list[int]]
+    rows_of_owner: dict[str, list[int]]
+    space: Optional[RefinedSpace] = None
 
 
 class PrototypeIndex:
     """User prototypes of a bundle: `neighbors(persona_text, n, exclude=user_id)` and `add_user`.
+
+    With refined prototypes the index lives in the refined space: a query user is placed
+    there from their persona, their history and the current query (`query_vector`).
 
     Build with `PrototypeIndex.from_bundle(bundle)`; `load(bundle, embedder=None)` opens
     the index without an embedder (vector queries only). Calls are thread-safe.
@@ -495,6 +568,14 @@ class PrototypeIndex:
         return self.info.members_carry
 
     @property
+    def granularity(self) -> str:
+        return self.info.granularity
+
+    @property
+    def refined(self) -> bool:
+        return self.info.refinement is not None
+
+    @property
     def ef(self) -> int:
         return self.info.ef
 
@@ -530,15 +611,45 @@ class PrototypeIndex:
         row = state.row_of.get(user_id)
         return None if row is None else int(state.assignments[row])
 
+    def members_of(self, owner: str) -> list[str]:
+        """The member ids that belong to a user (one, or one per chain)."""
+        state = self._live()
+        return [state.records[r].user_id for r in state.rows_of_owner.get(owner, [])]
+
     # -- queries -------------------------------------------------------------------------
 
-    def embed(self, text: str) -> np.ndarray:
+    def embed(self, text: str, *, query: bool = True) -> np.ndarray:
+        """A persona (or prompt) looked up at query time: embedded as a query (with the embedder's
+        query prefix, if it has one); members were embedded as documents."""
+        return self._embed_texts([text], query=query)[0]
+
+    def _embed_texts(self, texts: list[str], *, query: bool = False) -> np.ndarray:
         if self.embedder is None:
             raise ConfigError("this PrototypeIndex was loaded without an embedder; pass vectors, or load it "
                               "with PrototypeIndex.from_bundle")
-        if not isinstance(text, str):
-            raise ConfigError(f"persona text must be a string, got {type(text).__name__}")
-        return self.embedder.embed([text])[0]
+        for text in texts:
+            if not isinstance(text, str):
+                raise ConfigError(f"persona text must be a string, got {type(text).__name__}")
+        return self.embedder.embed(texts, query=query)
+
+    def query_vector(self, persona_text: str, *, history: Sequence = (), query: Optional[str] = None) -> np.ndarray:
+        """Where a user stands in the index: their persona's embedding, or with refined prototypes
+        the refined vector from the persona, the first history pairs and the query (its prompt
+        embedding; without one, the mean of the history prompts)."""
+        vec = self.embed(persona_text)
+        space = self._live().space
+        if space is None:
+            return vec
+        return self._refined_vector(space, vec, history, query)
+
+    def _refined_vector(self, space: RefinedSpace, persona_vec: np.ndarray, history: Sequence,
+                        query: Optional[str]) -> np.ndarray:
+        limit = self.info.refinement.history_pairs  # type: ignore[union-attr]
+        prompts, diffs = history_arrays(lambda t: self._embed_texts(t), history, limit=limit)
+        if not len(prompts):
+            prompts = diffs = np.zeros((0, space.dimension), np.float32)
+        q = self.embed(query) if query is not None else mean_query(prompts, persona_vec)
+        return space.vector(space.anchor_of(persona_vec), q, prompts, diffs)
 
     def nearest_prototype(self, vec_or_text) -> int:
         """The prototype whose centroid is most similar to a vector or a persona text."""
@@ -546,15 +657,18 @@ class PrototypeIndex:
             state = self._live()
             return state.centroids.search(self._query(vec_or_text, state), 1)[0][0]
 
-    def neighbors(self, persona_text: str, n: int, *, exclude: str | None = None
-                  ) -> list[tuple[UserProfile, float]]:
-        """The n members most similar to a persona, by cosine, most similar first; never `exclude`.
+    def neighbors(self, persona_text: str, n: int, *, exclude: str | None = None, history: Sequence = (),
+                  query: Optional[str] = None) -> list[tuple[UserProfile, float]]:
+        """The n members most similar to a persona, by cosine, most similar first; never a member of
+        the user `exclude` (their own member, or every chain of theirs).
 
         Members come from the nearest prototype; when it has fewer than n (other)
         members the rest are filled from the next-nearest prototypes in order. n is
-        clamped to the members available.
+        clamped to the members available. `history` and `query` place the user in a
+        refined index (see `query_vector`); an unrefined one ignores them.
         """
-        return self.neighbors_for_vector(self.embed(persona_text), n, exclude=exclude)
+        return self.neighbors_for_vector(self.query_vector(persona_text, history=history, query=query), n,
+                                         exclude=exclude)
 
     def neighbors_for_vector(self, vec, n: int, *, exclude: str | None = None
                              ) -> list[tuple[UserProfile, float]]:
@@ -563,11 +677,11 @@ class PrototypeIndex:
         with self._lock:
             state = self._live()
             q = self._query(vec, state)
-            skip = state.row_of.get(exclude) if exclude is not None else None
+            skip = frozenset(state.rows_of_owner.get(exclude, ())) if exclude is not None else frozenset()
             picked: list[tuple[int, float]] = []
             if n > 0:
                 for proto, _ in state.centroids.search(q, state.centroids.count):
-                    candidates = [r for r in state.by_prototype[proto] if r != skip]
+                    candidates = [r for r in state.by_prototype[proto] if r not in skip]
                     picked += state.members.search(q, n - len(picked), candidates)
                     if len(picked) >= n:
                         break
@@ -579,7 +693,11 @@ class PrototypeIndex:
     def add_user(self, profile: UserProfile, persona_text: str, *, vector=None) -> int:
         """Add (or replace, by user_id) a member and persist the index atomically; return its prototype.
 
-        `vector` is an already computed embedding of `persona_text` (skips the embedder).
+        `vector` is an already computed index-space vector for the member (skips the
+        embedder). In a chain index the user's chain members all go and one member per
+        history item comes in (see `chain_members`), each with `persona_text` when personas
+        came from an LLM, else its own history text; the return value is then the first
+        chain's prototype.
         """
         if not isinstance(profile, UserProfile):
             raise ConfigError(f"profile must be a UserProfile, got {type(profile).__name__}")
@@ -591,7 +709,9 @@ class PrototypeIndex:
                 self._state = self._load(on_disk)
             self._manifest = on_disk
             state = self._live()
-            q = self._query(persona_text if vector is None else vector, state)
+            if state.info.granularity == "chain":
+                return self._replace_chains(on_disk, state, profile, persona_text)
+            q = self._query(self._member_vector(state, profile, persona_text) if vector is None else vector, state)
             proto = state.centroids.search(q, 1)[0][0]
             record = member_record(profile, persona_text, state.info.members_carry)
             row = state.row_of.get(profile.user_id, len(state.records))
@@ -618,13 +738,61 @@ class PrototypeIndex:
             self._state = self._with_records(state, self._manifest.prototypes, records, assignments)
             return proto
 
+    def _member_vector(self, state: _State, profile: UserProfile, persona_text: str) -> np.ndarray:
+        vec = self._embed_texts([persona_text])[0]
+        if state.space is None:
+            return vec
+        return self._refined_vector(state.space, vec, profile.history, None)
+
+    def _replace_chains(self, on_disk: Manifest, state: _State, profile: UserProfile, persona_text: str) -> int:
+        from .protocol import persona_from_history
+
+        chains = chain_members(profile, seed=state.info.seed)
+        if not chains:
+            raise ConfigError(f"user {profile.user_id!r} has no history items to make chain members of")
+        llm = state.info.persona_source == "llm"
+        texts = [persona_text if llm else persona_from_history(c) for c in chains]
+        vectors = np.stack([self._query(self._member_vector(state, c, t), state) for c, t in zip(chains, texts)])
+        protos = [state.centroids.search(v, 1)[0][0] for v in vectors]
+        new = [member_record(c, t, state.info.members_carry) for c, t in zip(chains, texts)]
+        self._rewrite(on_disk, state, drop=profile.user_id, records=new, vectors=vectors,
+                      assignments=np.asarray(protos, np.int32))
+        return int(protos[0])
+
+    def _rewrite(self, on_disk: Manifest, state: _State, *, drop: str, records: list[UserProfile],
+                 vectors: np.ndarray, assignments: np.ndarray) -> None:
+        """Write a generation without `drop`'s members and with `records` added; the member graph is
+        built afresh (a removed element's vector would otherwise stay in the file)."""
+        gone = set(state.rows_of_owner.get(drop, ()))
+        keep = [r for r in range(len(state.records)) if r not in gone]
+        old = (np.asarray(state.members.index.get_items(keep, return_type="numpy"), dtype=np.float32)
+               if keep else np.zeros((0, state.info.dimension), np.float32))
+        all_vectors = np.concatenate([old, np.asarray(vectors, np.float32).reshape(-1, state.info.dimension)])
+        all_records = [state.records[r] for r in keep] + list(records)
+        all_assignments = np.concatenate([state.assignments[keep], np.asarray(assignments, np.int32)])
+        members = _fresh_hnsw(all_vectors, dimension=state.info.dimension, seed=state.info.seed, ef=state.info.ef)
+        try:
+            self._manifest = write_generation(
+                self.root, on_disk, centroids=state.centroids.index, members=members, records=all_records,
+                assignments=all_assignments, ef=state.info.ef, persona_source=state.info.persona_source,
+                members_carry=state.info.members_carry, seed=state.info.seed)
+        except BaseException:
+            self._state = self._load(read_manifest(self.root))
+            raise
+        members.set_num_threads(self._n_threads)
+        space = _Space(members, brute_force_below=self._brute_force_below)
+        live = replace(state, members=space)
+        self._state = self._with_records(live, self._manifest.prototypes, all_records, all_assignments)
+
     def remove_user(self, user_id: str) -> int:
-        """Forget a member: drop every record of `user_id`, rebuild the member index without their
-        vectors, persist atomically, and return how many records were removed (0: not a member).
+        """Forget a user: drop every member record of `user_id` (their one member, or all their
+        chains), rebuild the member index without their vectors, persist atomically, and return
+        how many records were removed (0: not a member).
 
         The old generation's files are deleted after the switch, so no file of the index holds
-        the user's texts or vectors any more. Centroids are kept: each is the mean of many
-        members and holds no text; `python -m export prototypes` recomputes them.
+        the user's texts or vectors any more. Centroids (and refinement arrays) are kept: they
+        are trained over many members and hold no text; `python -m export prototypes`
+        recomputes them.
         """
         if not isinstance(user_id, str) or not user_id:
             raise ConfigError(f"user_id must be a non-empty string, got {user_id!r}")
@@ -634,29 +802,12 @@ class PrototypeIndex:
                 self._state = self._load(on_disk)
             self._manifest = on_disk
             state = self._live()
-            keep = [row for row, r in enumerate(state.records) if r.user_id != user_id]
-            removed = len(state.records) - len(keep)
+            removed = len(state.rows_of_owner.get(user_id, ()))
             if not removed:
                 return 0
-            vectors = (np.asarray(state.members.index.get_items(keep, return_type="numpy"), dtype=np.float32)
-                       if keep else np.zeros((0, state.info.dimension), np.float32))
-            # A fresh graph, not mark_deleted: a deleted element's vector would stay in the file.
-            members = _fresh_hnsw(vectors, dimension=state.info.dimension, seed=state.info.seed,
-                                  ef=state.info.ef)
-            records = [state.records[row] for row in keep]
-            assignments = state.assignments[keep]
-            try:
-                self._manifest = write_generation(
-                    self.root, on_disk, centroids=state.centroids.index, members=members, records=records,
-                    assignments=assignments, ef=state.info.ef, persona_source=state.info.persona_source,
-                    members_carry=state.info.members_carry, seed=state.info.seed)
-            except BaseException:
-                self._state = self._load(read_manifest(self.root))
-                raise
-            members.set_num_threads(self._n_threads)
-            space = _Space(members, brute_force_below=self._brute_force_below)
-            live = _State(state.info, state.centroids, space, [], np.zeros(0, np.int32), {}, [])
-            self._state = self._with_records(live, self._manifest.prototypes, records, assignments)
+            self._rewrite(on_disk, state, drop=user_id, records=[],
+                          vectors=np.zeros((0, state.info.dimension), np.float32),
+                          assignments=np.zeros(0, np.int32))
             forget_persona_checkpoint(self.root, user_id)
             return removed
 
@@ -716,7 +867,8 @@ class PrototypeIndex:
                                    count=info.n_members, ef=info.ef, what="member", headroom=16), **space)
         for s in (centroids, members):
             s.index.set_num_threads(self._n_threads)
-        return self._with_records(_State(info, centroids, members, [], np.zeros(0, np.int32), {}, []),
+        space = _read_space(paths[info.refinement.file], info) if info.refinement is not None else None
+        return self._with_records(_State(info, centroids, members, [], np.zeros(0, np.int32), {}, [], {}, space),
                                   info, records, assignments)
 
     @staticmethod
@@ -725,9 +877,12 @@ class PrototypeIndex:
         by_prototype: list[list[int]] = [[] for _ in range(info.count)]
         for row, proto in enumerate(assignments.tolist()):
             by_prototype[proto].append(row)
+        rows_of_owner: dict[str, list[int]] = {}
+        for row, r in enumerate(records):
+            rows_of_owner.setdefault(member_owner(r.user_id, info.granularity), []).append(row)
         return _State(info=info, centroids=state.centroids, members=state.members, records=records,
                       assignments=assignments, row_of={r.user_id: i for i, r in enumerate(records)},
-                      by_prototype=by_prototype)
+                      by_prototype=by_prototype, rows_of_owner=rows_of_owner, space=state.space)
 
 
 def _read_records(path: Path, expected: int) -> list[UserProfile]:
@@ -748,6 +903,15 @@ def _read_records(path: Path, expected: int) -> list[UserProfile]:
         raise PrototypeIndexError(f"{path.name} holds {len(records)} member records but the manifest says "
                                   f"{expected}; rebuild the prototypes")
     return records
+
+
+def _read_space(path: Path, info: PrototypeInfo) -> RefinedSpace:
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            return RefinedSpace.from_arrays(dict(arrays), dimension=info.dimension, count=info.count,
+                                            where=path.name)
+    except (ValueError, OSError, EOFError) as exc:
+        raise PrototypeIndexError(f"{path.name} is not a valid .npz file: {exc}") from exc
 
 
 def _read_assignments(path: Path, expected: int, count: int) -> np.ndarray:

@@ -224,6 +224,12 @@ class CompareResult(_Record):
     # With Scorer(min_confidence=...): a verdict whose side fewer than that share of the parsed
     # chains prefer is withdrawn (preferred None, scores kept) and counted as an abstention.
     abstained: bool = False
+    # With n_neighbors > 0: whose persona text found the neighbours. persona_mode "cached"
+    # reuses the first persona parsed for the user, "query" takes this call's first parsed
+    # chain (the official pipeline); persona_from says where the text came from this time:
+    # "profile", "history", "cache", "chain" or "history-fallback" (no chain parsed).
+    persona_mode: Optional[Literal["cached", "query"]] = None
+    persona_from: Optional[Literal["profile", "history", "cache", "chain", "history-fallback"]] = None
 
     @property
     def is_decision(self) -> bool:
@@ -286,6 +292,27 @@ class EmbedderInfo(_Loose):
     pooling: str
     normalized: bool
     max_length: int = Field(gt=0)
+    # Instruction the embedder wants before query texts (e.g. Qwen3-Embedding's); None: none.
+    query_prefix: Optional[str] = None
+
+
+class RefinementInfo(_Loose):
+    """How the prototypes were refined (`python -m export prototypes --refine`) and the arrays file
+    the runtime reads to place a query user among the refined members (see `refinement`)."""
+
+    file: str
+    epochs: int = Field(ge=1)
+    lr: float
+    weight_decay: float
+    ema: float
+    batch_size: int = Field(ge=1)
+    max_targets: int = Field(ge=1)  # training targets per member, at most
+    history_pairs: int = Field(ge=1)  # history items a member's (and a query user's) vector reads
+    seed: int = 0
+    n_examples: int = Field(ge=0)
+    loss_before: Optional[float] = None  # mean pairwise logistic loss over the training targets
+    loss_after: Optional[float] = None
+    moved: int = Field(ge=0, default=0)  # members whose prototype changed when reassigned
 
 
 class PrototypeInfo(_Loose):
@@ -300,6 +327,10 @@ class PrototypeInfo(_Loose):
     persona_source: Literal["llm", "history"]
     members_carry: Literal["history", "persona"]
     seed: int = 0
+    # "user": one member per user; "chain": one per history item, with that item's own shown
+    # history (the paper's), ids "<user_id>#<item>".
+    granularity: Literal["user", "chain"] = "user"
+    refinement: Optional[RefinementInfo] = None
 
 
 class Manifest(_Loose):

@@ -29,6 +29,7 @@ from .records import (MAX_SEED, CompareResult, Confidence, EvaluationChain, Grou
 # untrusted text (history, query, candidates) to these lengths, keeping head and tail.
 SHORTEN_STEPS = (4000, 2000, 1000, 500, 250)
 MAX_RESPONSES = 16  # score() compares all pairs: k(k-1)/2 pairs
+PERSONA_MODES = ("cached", "query")
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Scorer:
                  analysis_chars: Optional[tuple[int, int]] = None, rationale_chars: Optional[int] = None,
                  max_criteria: int = protocol.DEFAULT_MAX_CRITERIA, expected_scores: bool = False,
                  history_order: Optional[str] = None, candidate_order: Optional[str] = None,
-                 min_confidence: Optional[float] = None,
+                 min_confidence: Optional[float] = None, persona_mode: str = "cached",
                  prefix_cache_mb: float = DEFAULT_MEMORY_MB, prefix_cache_dir: str | os.PathLike | None = None,
                  prefix_cache_disk_mb: float = DEFAULT_DISK_MB,
                  template=None, prototypes=None, bundle: Bundle | None = None):
@@ -105,6 +106,11 @@ class Scorer:
             raise ConfigError(f"min_confidence must be a share in (0, 1] of the parsed chains, got {min_confidence!r}")
         # A verdict preferred by fewer than this share of the parsed chains becomes no decision.
         self.min_confidence = min_confidence
+        if persona_mode not in PERSONA_MODES:
+            raise ConfigError(f"persona_mode must be 'cached' (the first persona parsed for a user, reused) or "
+                              f"'query' (this call's first parsed chain, as the official pipeline), got {persona_mode!r}")
+        # Which persona finds the neighbours of an LLM-persona index (see _persona_text).
+        self.persona_mode = persona_mode
         self.constrained = contract.constrained if constrained is None else bool(constrained)
         max_tokens = contract.max_tokens if max_tokens is None else max_tokens
         analysis_chars = contract.analysis_chars if analysis_chars is None else tuple(analysis_chars)
@@ -364,21 +370,24 @@ class Scorer:
             notes.append(f"the user's stated preferences were not shown: template {self.template.name!r} has no "
                          "{{stated_preferences}} slot")
         neighbors: list[tuple[UserProfile, float]] = []
+        persona_from = None
         persona_ready = self.n_neighbors > 0 and self._persona_known(user)
         if persona_ready:
-            neighbors = self._neighbors(user, self._persona_text(user, [], notes))
+            persona, persona_from = self._persona_text(user, [], notes)
+            neighbors = self._neighbors(user, persona, prompt)
             jobs += self._neighbor_jobs(neighbors, pairs, seed)
         outputs, stats = self._run(jobs, user, prompt, responses, seed, prepared)
         if self.n_neighbors > 0 and not persona_ready:
             chains = [o for j, o in zip(jobs, outputs) if o[0] is not None]
-            neighbors = self._neighbors(user, self._persona_text(user, [c[0] for c in chains], notes))
+            persona, persona_from = self._persona_text(user, [c[0] for c in chains], notes)
+            neighbors = self._neighbors(user, persona, prompt)
             nb_jobs = self._neighbor_jobs(neighbors, pairs, seed)
             nb_out, nb_stats = self._run(nb_jobs, user, prompt, responses, seed, prepared)
             jobs, outputs = jobs + nb_jobs, outputs + nb_out
             stats = _add_stats(stats, nb_stats)
         total = time.perf_counter() - t0
         return [self._result(pair, [(j, o) for j, o in zip(jobs, outputs) if j.pair == pair], neighbors,
-                             prepared, seed, stats, total, notes) for pair in pairs]
+                             prepared, seed, stats, total, notes, persona_from) for pair in pairs]
 
     def _run(self, jobs: list[_Job], user, prompt, responses, seed, prepared):
         """Generate every job's sample in one batched call; parse each."""
@@ -445,26 +454,35 @@ class Scorer:
     # -- prototype level ---------------------------------------------------------------
 
     def _persona_known(self, user: UserProfile) -> bool:
-        return bool(user.persona) or user.user_id in self._personas or self.prototypes.persona_source == "history"
+        cached = self.persona_mode == "cached" and user.user_id in self._personas
+        return bool(user.persona) or cached or self.prototypes.persona_source == "history"
 
-    def _persona_text(self, user: UserProfile, chains: list[EvaluationChain], notes: list[str]) -> str:
-        """The text embedded to find similar users, matched to how the index was built."""
+    def _persona_text(self, user: UserProfile, chains: list[EvaluationChain], notes: list[str]) -> tuple[str, str]:
+        """(the text embedded to find similar users, where it came from), matched to how the index was built.
+
+        A persona given in the profile wins; an index built from history text takes the
+        history text; else the analysis of a parsed self chain: the first one ever parsed
+        for the user ("cached") or this call's first ("query", the official pipeline).
+        """
         if user.persona:
-            return user.persona
+            return user.persona, "profile"
         if self.prototypes.persona_source == "history":
-            return protocol.persona_from_history(user)
-        if user.user_id in self._personas:
-            return self._personas[user.user_id]
+            return protocol.persona_from_history(user), "history"
+        if self.persona_mode == "cached" and user.user_id in self._personas:
+            return self._personas[user.user_id], "cache"
         analyses = [c.analysis for c in chains if c.analysis.strip()]
         if analyses:
-            self._personas[user.user_id] = analyses[0]
-            return analyses[0]
+            if self.persona_mode == "cached":
+                self._personas[user.user_id] = analyses[0]
+            return analyses[0], "chain"
         notes.append("no parsed self chain to take a persona from; looked up neighbours by the "
                      "history text instead")
-        return protocol.persona_from_history(user)
+        return protocol.persona_from_history(user), "history-fallback"
 
-    def _neighbors(self, user: UserProfile, persona: str) -> list[tuple[UserProfile, float]]:
-        return self.prototypes.neighbors(persona, self.n_neighbors, exclude=user.user_id)
+    def _neighbors(self, user: UserProfile, persona: str, prompt: str) -> list[tuple[UserProfile, float]]:
+        # history and query place the user in a refined index; an unrefined one ignores them
+        return self.prototypes.neighbors(persona, self.n_neighbors, exclude=user.user_id, history=user.history,
+                                         query=prompt)
 
     def _neighbor_jobs(self, neighbors, pairs, seed) -> list[_Job]:
         jobs = []
@@ -482,7 +500,7 @@ class Scorer:
 
     # -- results -----------------------------------------------------------------------
 
-    def _result(self, pair, items, neighbors, prepared, seed, stats, total, notes) -> CompareResult:
+    def _result(self, pair, items, neighbors, prepared, seed, stats, total, notes, persona_from=None) -> CompareResult:
         samples, chains = [], []
         self_scores, nb_scores = [], []
         nb_by_user: dict[str, list] = {}
@@ -537,6 +555,7 @@ class Scorer:
             candidate_order=self.candidate_order, history_order=self.history_order,  # type: ignore[arg-type]
             temperature=self.params.temperature, max_tokens=self.params.max_tokens, constrained=self.constrained,
             neighbors=nb_records, history_shown=self_prep.history_shown if self_prep else 0,
+            persona_mode=self.persona_mode if self.n_neighbors > 0 else None, persona_from=persona_from,  # type: ignore[arg-type]
             context_policy=policy, notes=list(notes) + (stats.notes if stats else []),
             timing=Timing(prompt_s=stats.prompt_s, decode_s=stats.decode_s, total_s=total,
                           n_prompt_tokens=stats.n_prompt_tokens, n_generated_tokens=stats.n_generated_tokens,
@@ -576,9 +595,9 @@ def _add_stats(a, b):
 
 _TUNABLE = ("max_tokens", "temperature", "top_p", "min_p", "history_pairs", "c_self", "c_nb",
             "analysis_chars", "rationale_chars", "max_criteria", "expected_scores", "constrained",
-            "history_order", "candidate_order", "min_confidence", "prefix_cache_mb")
+            "history_order", "candidate_order", "min_confidence", "persona_mode", "prefix_cache_mb")
 _INT_OPTIONS = ("max_tokens", "history_pairs", "max_criteria", "rationale_chars")
-_STR_OPTIONS = ("history_order", "candidate_order")
+_STR_OPTIONS = ("history_order", "candidate_order", "persona_mode")
 
 
 def _known_defaults(defaults: dict) -> dict:
