@@ -54,6 +54,8 @@ class Request:
     # The first prefix_len tokens are evaluated (or restored from the prefix cache) as their
     # own span; 0: no cacheable prefix, the prompt shares prefixes with earlier ones as found.
     prefix_len: int = 0
+    # Whose text the prefix holds (a user id), so a prefix cache can forget it; "" for nobody.
+    owner: str = ""
 
 
 @dataclass
@@ -450,7 +452,7 @@ class Engine:
         cache = self.prefix_cache
         key = (cache_key(*self.cache_scope(hash_file=cache.directory is not None), prefix)
                if cache is not None and cache.enabled else None)
-        data = cache.get(key) if key is not None else None
+        data = cache.get(key, request.owner) if key is not None else None
         if data is not None:
             stats.cache_hits += 1
             stats.n_cached_tokens += p
@@ -460,7 +462,7 @@ class Engine:
             data = self._save(0)
             stats.cache_misses += 1
             if key is not None:
-                cache.put(key, data)
+                cache.put(key, data, request.owner)
         states[prefix] = data
 
     def cache_scope(self, *, hash_file: bool = True) -> tuple:

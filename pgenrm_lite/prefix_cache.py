@@ -4,6 +4,9 @@ Holds opaque byte strings (llama.cpp sequence states) under keys the engine deri
 everything that decides the bytes: the model file's hash, the llama.cpp build, the context
 settings, the chat template and the prefix tokens. Knows nothing of llama.cpp itself.
 
+Each state may name its owner (the user whose history the prefix shows), so that
+`forget(owner)` can drop that user's states from memory and disk: a file is named
+`<owner tag>-<key>.pfx`, the tag being a hash of the owner (no user id in a file name).
 A disk file is `HEADER` (magic, format version, key, payload length, payload sha256) then
 the payload. A file that is short, altered or holds another key raises `CacheFileError`
 inside `get`, is deleted and counted as rejected, and the caller evaluates the prefix again;
@@ -84,6 +87,7 @@ class PrefixCache:
                 raise ConfigError(f"prefix_cache_dir={str(self.directory)!r} cannot be created ({exc}); "
                                   "name a writable directory or leave the disk cache off") from exc
         self._entries: OrderedDict[bytes, bytes] = OrderedDict()
+        self._owned: dict[str, set[bytes]] = {}  # owner -> keys of theirs held in memory
         self._bytes = 0
         self._lock = threading.Lock()
         self.stats = CacheStats()
@@ -92,7 +96,7 @@ class PrefixCache:
     def enabled(self) -> bool:
         return self.budget > 0 or self.directory is not None
 
-    def get(self, key: bytes) -> bytes | None:
+    def get(self, key: bytes, owner: str = "") -> bytes | None:
         """The state saved under `key` (memory first, then a verified disk file), else None."""
         with self._lock:
             data = self._entries.get(key)
@@ -100,23 +104,49 @@ class PrefixCache:
                 self._entries.move_to_end(key)
                 self.stats.hits += 1
                 return data
-        data = self._read_disk(key)
+        data = self._read_disk(key, owner)
         with self._lock:
             if data is None:
                 self.stats.misses += 1
                 return None
             self.stats.hits += 1
             self.stats.disk_hits += 1
-        self._remember(key, data)
+        self._remember(key, data, owner)
         return data
 
-    def put(self, key: bytes, data: bytes) -> None:
+    def put(self, key: bytes, data: bytes, owner: str = "") -> None:
         """Keep `data` in memory (evicting the least recently used) and, when enabled, on disk."""
-        self._remember(key, data)
-        if self.directory is not None and not self.path(key).is_file():
-            self._write_disk(key, data)
+        self._remember(key, data, owner)
+        if self.directory is not None and not self.path(key, owner).is_file():
+            self._write_disk(key, data, owner)
 
-    def _remember(self, key: bytes, data: bytes) -> None:
+    def owners(self) -> set[str]:
+        """The owners of the states held in memory."""
+        with self._lock:
+            return {o for o, keys in self._owned.items() if keys & self._entries.keys()}
+
+    def forget(self, owner: str) -> int:
+        """Drop every state of `owner` from memory and disk; return how many were dropped."""
+        if not owner:
+            return 0
+        dropped = 0
+        with self._lock:
+            for key in self._owned.pop(owner, set()):
+                data = self._entries.pop(key, None)
+                if data is not None:
+                    self._bytes -= len(data)
+                    dropped += 1
+            self.stats.entries, self.stats.bytes = len(self._entries), self._bytes
+        if self.directory is not None:
+            for path in self.directory.glob(f"{owner_tag(owner)}-*{SUFFIX}"):
+                try:
+                    path.unlink()
+                    dropped += 1
+                except OSError:
+                    pass
+        return dropped
+
+    def _remember(self, key: bytes, data: bytes, owner: str = "") -> None:
         if len(data) > self.budget:
             return  # larger than the whole budget: not kept in memory
         with self._lock:
@@ -129,6 +159,8 @@ class PrefixCache:
                 self.stats.evicted += 1
             self._entries[key] = data
             self._bytes += len(data)
+            if owner:
+                self._owned.setdefault(owner, set()).add(key)
             self.stats.entries, self.stats.bytes = len(self._entries), self._bytes
 
     def snapshot(self) -> CacheStats:
@@ -140,19 +172,20 @@ class PrefixCache:
         """Forget the states held in memory (disk files stay)."""
         with self._lock:
             self._entries.clear()
+            self._owned.clear()
             self._bytes = 0
             self.stats.entries = self.stats.bytes = 0
 
     # -- disk -----------------------------------------------------------------------------
 
-    def path(self, key: bytes) -> Path:
+    def path(self, key: bytes, owner: str = "") -> Path:
         assert self.directory is not None
-        return self.directory / (key.hex() + SUFFIX)
+        return self.directory / f"{owner_tag(owner)}-{key.hex()}{SUFFIX}"
 
-    def _read_disk(self, key: bytes) -> bytes | None:
+    def _read_disk(self, key: bytes, owner: str = "") -> bytes | None:
         if self.directory is None:
             return None
-        path = self.path(key)
+        path = self.path(key, owner)
         try:
             blob = path.read_bytes()
         except OSError:  # absent, or unreadable: evaluate instead
@@ -173,12 +206,12 @@ class PrefixCache:
             pass
         return data
 
-    def _write_disk(self, key: bytes, data: bytes) -> None:
+    def _write_disk(self, key: bytes, data: bytes, owner: str = "") -> None:
         if len(data) + HEADER.size > self.disk_budget:
             return
         header = HEADER.pack(MAGIC, FORMAT_VERSION, key, len(data), hashlib.sha256(data).digest())
         try:
-            atomic_write_bytes(self.path(key), header + data)
+            atomic_write_bytes(self.path(key, owner), header + data)
         except OSError:
             return  # a full or read-only disk costs the saving, not the call
         with self._lock:
@@ -203,6 +236,11 @@ class PrefixCache:
                 total -= size
             except OSError:
                 pass
+
+
+def owner_tag(owner: str) -> str:
+    """A file-name tag for an owner: 16 hex digits of a hash ("_" for none); the id itself stays out."""
+    return hashlib.sha256(owner.encode("utf-8")).hexdigest()[:16] if owner else "_"
 
 
 def read_file_payload(blob: bytes, key: bytes) -> bytes:

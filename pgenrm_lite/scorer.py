@@ -335,16 +335,26 @@ class Scorer:
     def remove_user(self, user_id: str) -> int:
         """Forget a user on this device: their prototype members go from the bundle's index (atomically,
         old files deleted) and from the persona checkpoint beside it, and this scorer drops its cached
-        persona for them. Returns how many member records were removed (0: they were not a member)."""
+        persona and its prompt-prefix states for them (memory and disk). Returns how many member
+        records were removed (0: they were not a member)."""
         if not isinstance(user_id, str) or not user_id:
             raise ConfigError(f"user_id must be a non-empty string, got {user_id!r}")
         if self.bundle is not None and self.bundle.manifest.prototypes is not None:
             self._require_prototypes("forget users")
         with self._open_call():
             self._personas.pop(user_id, None)
+            self.prefix_cache.forget(user_id)
             return 0 if self.prototypes is None else self.prototypes.remove_user(user_id)
 
     # -- internals ---------------------------------------------------------------------
+
+    def _owner(self, job: _Job) -> str:
+        """The user whose history a job's prompt shows (a chain member's user), for the prefix cache."""
+        if job.kind == "neighbor" and self.prototypes is not None:
+            from .prototypes import member_owner
+
+            return member_owner(job.owner.user_id, self.prototypes.info.granularity)
+        return job.owner.user_id
 
     def _require_prototypes(self, what: str) -> None:
         with self._open_call():
@@ -394,14 +404,16 @@ class Scorer:
         if not jobs:
             return [], None
         by_tokens: dict[tuple[int, ...], list[int]] = {}
+        owner_of: dict[tuple[int, ...], str] = {}
         for idx, job in enumerate(jobs):
             key = (job.owner.user_id if job.kind == "neighbor" else "\0self", job.pair)
             if key not in prepared:
                 prepared[key] = self._prepare(job.owner, prompt, responses[job.pair[0]],
                                               responses[job.pair[1]], seed)
             by_tokens.setdefault(prepared[key].tokens[job.swapped], []).append(idx)
+            owner_of[prepared[key].tokens[job.swapped]] = self._owner(job)
         prefix_len = {prep.tokens[swapped]: prep.prefix_len for prep in prepared.values() for swapped in prep.tokens}
-        requests = [Request(tokens, tuple(jobs[i].seed for i in idxs), prefix_len[tokens])
+        requests = [Request(tokens, tuple(jobs[i].seed for i in idxs), prefix_len[tokens], owner_of[tokens])
                     for tokens, idxs in by_tokens.items()]
         completions, stats = self.engine.generate(requests, self.params)
         outputs: list = [None] * len(jobs)

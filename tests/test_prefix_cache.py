@@ -249,3 +249,22 @@ def test_options_reach_the_engine_and_bad_sizes_are_config_errors(fake_engine, t
     args = build_parser().parse_args(["compare", "--user", "u.json", "--prompt", "p", "--a", "a", "--b", "b",
                                       "--prefix-cache-mb", "0", "--prefix-cache-dir", str(tmp_path)])
     assert (args.prefix_cache_mb, args.prefix_cache_dir) == (0.0, str(tmp_path))
+
+
+def test_forget_drops_an_owners_states_from_memory_and_disk(tmp_path):
+    from pgenrm_lite.prefix_cache import PrefixCache, cache_key, owner_tag
+
+    cache = PrefixCache(1.0, tmp_path)
+    keys = {name: cache_key(name, (1, 2, 3)) for name in ("a1", "a2", "b1", "n1")}
+    cache.put(keys["a1"], b"x" * 100, "alice")
+    cache.put(keys["a2"], b"y" * 100, "alice")
+    cache.put(keys["b1"], b"z" * 100, "bob")
+    cache.put(keys["n1"], b"w" * 100)  # nobody's
+    assert cache.owners() == {"alice", "bob"}
+    assert len(list(tmp_path.glob(owner_tag("alice") + "-*"))) == 2 and "alice" not in str(list(tmp_path.iterdir()))
+    assert cache.forget("alice") == 4  # two in memory, two on disk
+    assert cache.owners() == {"bob"} and not list(tmp_path.glob(owner_tag("alice") + "-*"))
+    assert cache.get(keys["a1"], "alice") is None and cache.get(keys["b1"], "bob") == b"z" * 100
+    assert cache.get(keys["n1"]) == b"w" * 100 and cache.forget("") == 0
+    fresh = PrefixCache(1.0, tmp_path)  # a restarted process finds only what was not forgotten
+    assert fresh.get(keys["a2"], "alice") is None and fresh.get(keys["b1"], "bob") == b"z" * 100

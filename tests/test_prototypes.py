@@ -625,8 +625,9 @@ def test_end_to_end_compare_with_neighbours(tmp_path, smollm2_gguf, minilm_onnx,
     test_row = min(rows_of_split([r for r in rows if r.user_id == "helpful-0"]),
                    key=lambda r: len(r.prompt) + len(r.chosen) + len(r.rejected))
     t0 = time.monotonic()
+    pfx = tmp_path / "prefix-cache"
     with Scorer.from_bundle(root, n_samples=2, n_neighbors=2, max_tokens=384, analysis_chars=(20, 300),
-                            max_criteria=3, history_pairs=1, n_threads=2) as scorer:
+                            max_criteria=3, history_pairs=1, n_threads=2, prefix_cache_dir=pfx) as scorer:
         res = scorer.compare(me, test_row.prompt, test_row.chosen, test_row.rejected)
         assert len(res.neighbors) == 2 and "helpful-0" not in [n.user_id for n in res.neighbors]
         kinds = [s.kind for s in res.samples]
@@ -655,7 +656,12 @@ def test_end_to_end_compare_with_neighbours(tmp_path, smollm2_gguf, minilm_onnx,
         others = {t for uid, u in users.items() if uid != gone for q in u.history for t in (q.chosen, q.rejected)}
         their_texts = [t.encode() for p in users[gone].history for t in (p.chosen, p.rejected) if t not in others]
         assert their_texts and all(files_holding(root, t) for t in their_texts[:3])
+        from pgenrm_lite.prefix_cache import owner_tag
+
+        assert gone in scorer.prefix_cache.owners() and list(pfx.glob(owner_tag(gone) + "-*"))
         assert scorer.remove_user(gone) == 1
+        # Their prompt-prefix states are gone from memory and disk too (the compare below writes no new ones).
+        assert gone not in scorer.prefix_cache.owners() and not list(pfx.glob(owner_tag(gone) + "-*"))
         again = scorer.compare(me, test_row.prompt, test_row.chosen, test_row.rejected)
         assert gone not in [n.user_id for n in again.neighbors] and len(again.neighbors) == 2
         assert gone not in [m.user_id for m, _ in scorer.prototypes.neighbors(persona_from_history(users[gone]), 9)]
