@@ -36,10 +36,11 @@ def resolve_bundle(path: Path | None) -> Path:
     """The bundle named, else the default bundle (built into its cache directory if absent)."""
     if path is not None:
         return Path(path)
+    from pgenrm_lite.bundle import is_bundle_dir
     from pgenrm_lite.defaults import default_bundle_dir
 
     out = default_bundle_dir()
-    if not (out / "manifest.json").is_file():
+    if not is_bundle_dir(out):
         from export.default_bundle import build_default_bundle
 
         print(f"building the default bundle into {out} ...", file=sys.stderr)

@@ -67,7 +67,8 @@ def run_config(bundle: Path, users: dict, tests: list, temperature: float, analy
                     read.append(r)
     return {"temperature": temperature, "analysis_chars": list(analysis), "max_tokens": max_tokens,
             "chains": chains, "parse_rate": parsed / chains, "tie_rate": ties / parsed if parsed else None,
-            "agreement": agree / parsed if parsed else None, "agreement_ci95": list(wilson_interval(agree, parsed)) if parsed else None,
+            "agreement": agree / parsed if parsed else None,
+            "agreement_ci95": list(wilson_interval(agree, parsed)) if parsed else None,
             "readability": sum(read) / len(read) if read else None,
             "tokens_per_chain": sum(tokens) / len(tokens), "wall_s": time.perf_counter() - start}
 

@@ -183,7 +183,8 @@ def main(argv=None) -> int:
                      fmt(o["wall_s"], 1), fmt(w["wall_s"], 1), fmt(c["wall_ratio"]), fmt(o["peak_rss_mb"], 0),
                      fmt(w["peak_rss_mb"], 0), f"{w['hits']}/{w['misses']}/{w['evicted']}",
                      "yes" if c["same_results_off_and_on"] else "NO"])
-    print(table(["pattern", "calls", "prompt tok off", "on", "ratio", "warm calls: tok, wall ratio", "wall s off", "on", "ratio", "RSS MB off",
+    print(table(["pattern", "calls", "prompt tok off", "on", "ratio", "warm calls: tok, wall ratio",
+                 "wall s off", "on", "ratio", "RSS MB off",
                  "on", "hit/miss/evict", "same results"], rows))
     print(load_line())
     out = {

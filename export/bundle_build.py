@@ -15,7 +15,7 @@ import orjson
 from export._outdir import building_dir
 from pgenrm_lite import protocol
 from pgenrm_lite.bundle import file_entry, write_manifest
-from pgenrm_lite.engine import model_file_ok
+from pgenrm_lite.bundle import model_file_ok
 from pgenrm_lite.errors import ExportError
 from pgenrm_lite.records import MANIFEST_SCHEMA_VERSION, EmbedderInfo, LLMInfo, Manifest
 

@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pgenrm_lite.bundle import Bundle, write_manifest
+from pgenrm_lite.bundle import Bundle, is_bundle_dir, write_manifest
 from pgenrm_lite.datasets import load_rows, users_from_rows
 from pgenrm_lite.defaults import default_bundle_dir, example_users_path
 from pgenrm_lite.errors import ExportError
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = args.out or default_bundle_dir()
-    if (out / "manifest.json").is_file() and not args.force:
+    if is_bundle_dir(out) and not args.force:
         Bundle.open(out, verify="size")
         print(f"default bundle already present at {out} (use --force to rebuild)")
         return 0

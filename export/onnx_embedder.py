@@ -249,7 +249,8 @@ def read_source(root: Path) -> SourceModel:
     for entry in modules:
         kind = str(entry.get("type", "")).rsplit(".", 1)[-1] if isinstance(entry, dict) else ""
         if kind not in (_TRANSFORMER, _POOLING, _NORMALIZE):
-            raise ExportError(f"{root / 'modules.json'} has a module of type {entry.get('type') if isinstance(entry, dict) else entry!r}; "
+            kind = entry.get("type") if isinstance(entry, dict) else entry
+            raise ExportError(f"{root / 'modules.json'} has a module of type {kind!r}; "
                               f"only Transformer, Pooling and Normalize are supported")
         kinds[kind] = root / str(entry.get("path", ""))
     for needed in (_TRANSFORMER, _POOLING):

@@ -222,7 +222,8 @@ def _picks(members, targets, labels, settings: RefineSettings, seed: int) -> lis
             if len(items) < 2:
                 continue
             order = np.random.default_rng(derive_seed(seed, "refine-targets", m.user_id)).permutation(len(items))
-            picks = [(items[t], [p for i, p in enumerate(items) if i != t]) for t in sorted(order[:settings.max_targets])]
+            picks = [(items[t], [p for i, p in enumerate(items) if i != t])
+                     for t in sorted(order[:settings.max_targets])]
         out += [(int(c), pair, list(context)[:settings.history_pairs]) for pair, context in picks]
     return out
 

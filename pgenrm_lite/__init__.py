@@ -10,7 +10,21 @@ from .errors import (BundleError, BundleIntegrityError, BundleVersionError, Chai
                      PrototypeIndexError, RecordError)
 from .records import (CompareResult, Criterion, EvaluationChain, GroupScores, NeighborScore, Preference, Sample,
                       UserProfile)
-from .scorer import Scorer
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .scorer import Scorer
+
+
+def __getattr__(name: str):
+    # The Scorer loads llama.cpp; importing it on first use lets `pgenrm_lite.bundle` (verify a
+    # bundle), records and the pure modules be used without the native library.
+    if name == "Scorer":
+        from .scorer import Scorer
+
+        return Scorer
+    raise AttributeError(f"module 'pgenrm_lite' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

@@ -17,7 +17,6 @@ from typing import Literal
 import orjson
 
 from ._atomic import atomic_write_bytes
-from .engine import model_file_ok
 from .errors import BundleError, BundleIntegrityError, BundleVersionError, RecordError
 from .records import MANIFEST_SCHEMA_VERSION, Manifest, ManifestFile
 
@@ -122,6 +121,21 @@ def _inside(root: Path, rel: str) -> Path:
     if not full.is_relative_to(root.resolve()):
         raise BundleIntegrityError(f"manifest path {rel!r} resolves outside the bundle (symlink?)")
     return full
+
+
+def model_file_ok(path: Path) -> bool:
+    """Cheap header check before llama.cpp parses a byte: GGUF magic and a known version."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return False
+    return len(head) == 8 and head[:4] == b"GGUF" and int.from_bytes(head[4:8], "little") in (2, 3)
+
+
+def is_bundle_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` looks like a bundle (holds a manifest); `Bundle.open` does the real checks."""
+    return (Path(path) / MANIFEST).is_file()
 
 
 def read_manifest(root: Path) -> Manifest:

@@ -17,6 +17,7 @@ import orjson
 
 from . import __version__
 from ._progress import Progress
+from .bundle import is_bundle_dir
 from .errors import ConfigError, PgenrmError
 from .group_rewards import GROUP_METHODS
 from .records import MAX_SEED, MAX_TEXT_CHARS
@@ -70,7 +71,7 @@ def _bundle_contract(args):
     from .protocol import resolve_template
 
     path = _bundle_path(args)
-    if not (path / "manifest.json").is_file():
+    if not is_bundle_dir(path):
         return resolve_template(None).output_contract
     return resolve_template(read_manifest(path).template).output_contract
 
@@ -80,7 +81,7 @@ def _open_scorer(args, **overrides):
     from .scorer import Scorer
 
     path = _bundle_path(args)
-    if not (path / "manifest.json").is_file() and not args.bundle:
+    if not is_bundle_dir(path) and not args.bundle:
         raise BundleError(f"no default bundle at {path}; build it with `python -m export default-bundle` "
                           "or pass --bundle DIR")
     options: dict[str, Any] = {}
@@ -263,7 +264,8 @@ def cmd_serve(args) -> int:
     try:
         from .integrations.server import check_bind, serve
     except ImportError as exc:
-        raise ConfigError(f"the reward server needs the `serve` extra: pip install 'pgenrm-lite[serve]' ({exc})") from exc
+        raise ConfigError(f"the reward server needs the `serve` extra: pip install 'pgenrm-lite[serve]' "
+                          f"({exc})") from exc
     from .datasets import load_profiles
 
     profiles = load_profiles(args.profiles) if args.profiles else {}
@@ -312,10 +314,12 @@ def cmd_info(args) -> int:
               f"{', query prefix ' + repr(e.query_prefix) if e.query_prefix else ''})")
     if m.prototypes:
         p = m.prototypes
-        refined = f", refined ({p.refinement.epochs} epoch(s), {p.refinement.n_examples} targets)" if p.refinement else ""
+        refined = (f", refined ({p.refinement.epochs} epoch(s), {p.refinement.n_examples} targets)"
+                   if p.refinement else "")
         print(f"  prototypes: {p.count} over {p.n_members} {p.granularity} members (persona from {p.persona_source}, "
               f"members carry {p.members_carry}, ef {p.ef}{refined})")
-    print(f"  template: {m.template.get('name', 'custom')} (output contract {m.template.get('contract', 'structured')})")
+    print(f"  template: {m.template.get('name', 'custom')} "
+          f"(output contract {m.template.get('contract', 'structured')})")
     if m.defaults:
         print("  recommended options: " + ", ".join(f"{k}={v}" for k, v in m.defaults.items()))
     print("  files:")
@@ -389,7 +393,7 @@ def cmd_doctor(args) -> int:
         "llama_cpp_gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
         "onnxruntime_providers": onnxruntime.get_available_providers(),
         "default_bundle": str(default_bundle_dir()),
-        "default_bundle_present": (default_bundle_dir() / "manifest.json").is_file(),
+        "default_bundle_present": is_bundle_dir(default_bundle_dir()),
         "bundle": str(bundle),
         "prefix_cache": {"memory_mb_default": DEFAULT_MEMORY_MB, "disk_mb_default": DEFAULT_DISK_MB,
                          **(describe_directory(args.prefix_cache_dir) if args.prefix_cache_dir
@@ -397,7 +401,7 @@ def cmd_doctor(args) -> int:
     }
     if args.no_decode_check:
         info["decode_check"] = {"ok": None, "message": "skipped (--no-decode-check)"}
-    elif (bundle / "manifest.json").is_file():
+    elif is_bundle_dir(bundle):
         from .bundle import read_manifest
 
         info["decode_check"] = diagnostics.decode_check(bundle / read_manifest(bundle).llm.file,
@@ -559,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--queue-size", type=int, default=64, help="requests waiting for the model before 503 (default 64)")
-    p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="larger bodies get 413 (default 16 MiB)")
+    p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
+                   help="larger bodies get 413 (default 16 MiB)")
     p.add_argument("--reference", default=None,
                    help="reference response for a rollout alone in its request (text, @FILE); default: a refusal")
     p.add_argument("--unparsed-reward", type=float, default=None,

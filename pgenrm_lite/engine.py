@@ -142,7 +142,8 @@ class Engine:
                                   "usable GPU (no NVIDIA driver, or one older than the CUDA runtime it was built "
                                   "with); check `nvidia-smi`, or use device='cpu' / 'auto'")
             raise ConfigError("device='gpu' was requested but this llama-cpp-python build has no GPU "
-                              "offload; rebuild it with `bash scripts/setup.sh --cuda` (or CMAKE_ARGS for Metal/Vulkan), "
+                              "offload; rebuild it with `bash scripts/setup.sh --cuda` "
+                              "(or CMAKE_ARGS for Metal/Vulkan), "
                               "or use device='cpu' / 'auto'")
         self.device = "gpu" if (device in ("gpu", "auto") and gpu_ok) else "cpu"
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
@@ -317,7 +318,8 @@ class Engine:
         """KV cells the requests take together: shared prompt prefixes once, plus every sample's budget."""
         return _prompt_cells(requests) + sum(len(r.seeds) for r in requests) * max_tokens
 
-    def generate(self, requests: Sequence[Request], params: SamplingParams) -> tuple[list[list[Completion]], GenerationStats]:
+    def generate(self, requests: Sequence[Request], params: SamplingParams
+                 ) -> tuple[list[list[Completion]], GenerationStats]:
         """Draw `len(r.seeds)` samples from each request; results keep the requests' order.
 
         Samples are decoded together; if they do not all fit the context (or n_seq_max),
@@ -810,13 +812,3 @@ def _prompt_cells(requests: Sequence[Request]) -> int:
             total += len(r.tokens) - min(shared, len(r.tokens) - 1)
         seen.append(r.tokens)
     return total
-
-
-def model_file_ok(path: Path) -> bool:
-    """Cheap header check before llama.cpp parses a byte: GGUF magic and a known version."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-    except OSError:
-        return False
-    return len(head) == 8 and head[:4] == b"GGUF" and int.from_bytes(head[4:8], "little") in (2, 3)

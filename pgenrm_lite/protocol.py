@@ -421,7 +421,7 @@ def expected_final_scores(text: str, digit_probs: dict[int, Sequence[float]],
             return None
         total = sum(k * p for k, p in enumerate(probs)) + probs[1] * ten_probs.get(at, 0.0) * 9
         place = 0.1
-        for offset, ch in enumerate(frac, start=len(whole) + 1):
+        for offset, _ in enumerate(frac, start=len(whole) + 1):
             probs = digit_probs.get(at + offset)
             if probs is None or len(probs) != 10:
                 return None

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import contracts, group_rewards, protocol, scaling
-from .bundle import Bundle
+from .bundle import Bundle, is_bundle_dir, model_file_ok
 from .engine import Engine, Request, SamplingParams
 from .errors import ChainParseError, ClosedError, ConfigError, ContextOverflowError
 from .group_rewards import GroupMethod
@@ -101,14 +101,16 @@ class Scorer:
         if self.candidate_order not in ("sample", "item"):
             raise ConfigError(f"candidate_order must be 'sample' (drawn per sample) or 'item' (once per pair, "
                               f"as the official pipeline), got {self.candidate_order!r}")
-        if min_confidence is not None and (isinstance(min_confidence, bool) or not isinstance(min_confidence, (int, float))
-                                           or not 0 < min_confidence <= 1):
+        is_share = (not isinstance(min_confidence, bool) and isinstance(min_confidence, (int, float))
+                    and 0 < min_confidence <= 1)
+        if min_confidence is not None and not is_share:
             raise ConfigError(f"min_confidence must be a share in (0, 1] of the parsed chains, got {min_confidence!r}")
         # A verdict preferred by fewer than this share of the parsed chains becomes no decision.
         self.min_confidence = min_confidence
         if persona_mode not in PERSONA_MODES:
             raise ConfigError(f"persona_mode must be 'cached' (the first persona parsed for a user, reused) or "
-                              f"'query' (this call's first parsed chain, as the official pipeline), got {persona_mode!r}")
+                              f"'query' (this call's first parsed chain, as the official pipeline), "
+                              f"got {persona_mode!r}")
         # Which persona finds the neighbours of an LLM-persona index (see _persona_text).
         self.persona_mode = persona_mode
         self.constrained = contract.constrained if constrained is None else bool(constrained)
@@ -163,8 +165,6 @@ class Scorer:
         llm_entry = next((f for f in bundle.manifest.files if f.path == bundle.manifest.llm.file), None)
         model_id = f"{llm_entry.sha256}:{llm_entry.size}" if llm_entry else None
         if model is not None:
-            from .engine import model_file_ok
-
             llm_path, model_id = Path(model), None
             if not model_file_ok(llm_path):
                 raise ConfigError(f"{llm_path} is not a readable GGUF v2/v3 file")
@@ -190,7 +190,7 @@ class Scorer:
         from .errors import BundleError
 
         path = default_bundle_dir()
-        if not (path / "manifest.json").is_file():
+        if not is_bundle_dir(path):
             raise BundleError(f"no default bundle at {path}; build it with `python -m export default-bundle` "
                               "(or point PGENRM_LITE_BUNDLE at a bundle directory)")
         return cls.from_bundle(path, **kwargs)
@@ -206,8 +206,6 @@ class Scorer:
         _check_counts(n_samples, 0)
         check_seed(seed)
         path = Path(path)
-        from .engine import model_file_ok
-
         if not model_file_ok(path):
             raise ConfigError(f"{path} is not a readable GGUF v2/v3 file")
         options["template"] = protocol.resolve_template(options.get("template"))

@@ -140,3 +140,15 @@ def test_unlisted_model_file_is_refused(copy):
     _edit_manifest(copy, lambda d: d.update(files=[]))
     with pytest.raises(BundleIntegrityError, match="does not list"):
         Bundle.open(copy)
+
+
+def test_a_bundle_is_verified_without_loading_llama_cpp(default_bundle):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom pgenrm_lite.bundle import Bundle\nfrom pgenrm_lite.cli import main\n"
+            f"Bundle.open({str(default_bundle)!r}, verify='full')\n"
+            f"assert main(['verify', {str(default_bundle)!r}]) == 0\n"
+            "print('llama_cpp' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"

@@ -144,7 +144,7 @@ def test_f32_logits_match_transformers(arch, checkpoint, gguf_file):
         ours = [llama_cpp_logits(llm, ids) for ids in prompts]
     finally:
         llm.close()
-    for ids, a, b in zip(prompts, ours, hf_logits(checkpoint(arch), prompts)):
+    for _ids, a, b in zip(prompts, ours, hf_logits(checkpoint(arch), prompts)):
         assert a.shape == b.shape
         scale = np.abs(b).max()
         assert scale > 0.1  # the model is not degenerate

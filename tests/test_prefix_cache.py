@@ -148,7 +148,7 @@ def test_disk_cache_survives_a_restart_and_refuses_damaged_or_foreign_files(engi
         "foreign": foreign,
         "not a cache file": b"GGUF" + good[4:],
     }
-    for what, blob in damaged.items():
+    for blob in damaged.values():
         with pytest.raises(CacheFileError):
             read_file_payload(blob, key)
     for what in ("truncated", "corrupted", "foreign"):

@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from ..bundle import is_bundle_dir
 from ..errors import ConfigError
 from ..protocol import derive_seed
 from . import non_personalised_user, profile_map
@@ -117,7 +118,7 @@ def score_dataset(dataset, bundle: str | os.PathLike, *, n_samples: int = 1, n_n
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     bundle = str(Path(bundle).resolve())
-    if not (Path(bundle) / "manifest.json").is_file():
+    if not is_bundle_dir(bundle):
         raise ConfigError(f"{bundle} is not a bundle directory (no manifest.json)")
     if profiles is not None and not isinstance(profiles, (str, os.PathLike)):
         profiles = profile_map(profiles)  # validated here, shipped to each actor
