@@ -704,11 +704,7 @@ class PrototypeIndex:
         if not isinstance(persona_text, str) or not persona_text.strip():
             raise ConfigError("persona_text must be a non-empty string")
         with self._lock, writer_lock(self.root):
-            on_disk = read_manifest(self.root)
-            if on_disk.prototypes != self._manifest.prototypes:  # another process updated it
-                self._state = self._load(on_disk)
-            self._manifest = on_disk
-            state = self._live()
+            on_disk, state = self._sync_with_disk()
             if state.info.granularity == "chain":
                 return self._replace_chains(on_disk, state, profile, persona_text)
             q = self._query(self._member_vector(state, profile, persona_text) if vector is None else vector, state)
@@ -797,11 +793,7 @@ class PrototypeIndex:
         if not isinstance(user_id, str) or not user_id:
             raise ConfigError(f"user_id must be a non-empty string, got {user_id!r}")
         with self._lock, writer_lock(self.root):
-            on_disk = read_manifest(self.root)
-            if on_disk.prototypes != self._manifest.prototypes:  # another process updated it
-                self._state = self._load(on_disk)
-            self._manifest = on_disk
-            state = self._live()
+            on_disk, state = self._sync_with_disk()
             removed = len(state.rows_of_owner.get(user_id, ()))
             if not removed:
                 return 0
@@ -823,6 +815,14 @@ class PrototypeIndex:
         self.close()
 
     # -- internals -----------------------------------------------------------------------
+
+    def _sync_with_disk(self) -> tuple[Manifest, _State]:
+        """The manifest on disk and the state loaded from it; call holding the locks of an update."""
+        on_disk = read_manifest(self.root)
+        if on_disk.prototypes != self._manifest.prototypes:  # another process updated it
+            self._state = self._load(on_disk)
+        self._manifest = on_disk
+        return on_disk, self._live()
 
     def _live(self) -> _State:
         if self._state is None:
