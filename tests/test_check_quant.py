@@ -1,5 +1,5 @@
-"""`python -m export quantize` and `check-quant` on real GGUF files: SmolLM2 as shipped (Q4_1) against
-a Q8_0 re-quantised here, judged on real HH pairs with the default bundle's settings."""
+"""`python -m export quantize` and `check-quant` on real GGUF files: SmolLM2 as its package ships it (Q4_1)
+against a Q8_0 re-quantised here, judged on real HH pairs with the default bundle's settings."""
 
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ from export.check_quant import FAILED, compare_verdicts  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def q8(default_bundle, tmp_path_factory) -> Path:
+def q8(smollm2_gguf, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("quant") / "model-q8_0.gguf"
-    assert export_main(["quantize", "--input", str(default_bundle / "model.gguf"), "--output", str(out),
+    assert export_main(["quantize", "--input", str(smollm2_gguf), "--output", str(out),
                         "--type", "q8_0", "--threads", "2"]) == 0
     return out
 
 
-def test_check_quant_reports_verdicts_drift_and_kl(default_bundle, q8, hh_file, tmp_path, capsys):
-    ref = default_bundle / "model.gguf"
+def test_check_quant_reports_verdicts_drift_and_kl(default_bundle, smollm2_gguf, q8, hh_file, tmp_path, capsys):
+    ref = smollm2_gguf  # the shipped Q4_1 file, judged with the default bundle's settings
     out = tmp_path / "report.json"
     rc = export_main(["check-quant", "--reference", str(ref), "--candidate", str(q8), "--data", str(hh_file),
                       "--format", "hh", "--bundle", str(default_bundle), "--limit", "2", "--kl-prompts", "1",
@@ -45,6 +45,8 @@ def test_check_quant_reports_verdicts_drift_and_kl(default_bundle, q8, hh_file, 
     assert kl["prompts"] == 1 and kl["tokens"] > 500 and 0 < kl["mean_kl"] < 0.05 and kl["top1_agreement"] > 0.8
     assert set(entry["checks"]) == {"agreement", "score_drift_mean", "mean_kl"}
     assert "verdict agreement" in printed and "mean KL" in printed
+    # The default bundle ships the Q8_0 re-quantisation (export/default_bundle.py GGUF_TYPE), not the Q4_1 file.
+    assert (default_bundle / "model.gguf").stat().st_size == q8.stat().st_size
 
 
 def test_a_failed_threshold_exits_3_and_identical_files_agree_exactly(default_bundle, hh_file, tmp_path, capsys):
