@@ -276,6 +276,24 @@ def test_add_user_grows_past_capacity_and_from_a_second_process(tmp_path, cluste
     assert {"x0", "x39", "late"} <= set(final.member_ids())
 
 
+def run_and_kill(child_args: list[str], expected: int, pause: float) -> int:
+    """Start `python -c CODE ARGS...` (it prints "ready N", then "done N" after each update), check it
+    started from `expected` members, SIGKILL it after `pause` seconds, return the last count it reported."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen([sys.executable, "-c", *child_args], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = child.stdout.readline().split()
+        assert ready[:1] == ["ready"], child.stderr.read()
+        assert int(ready[1]) == expected
+        time.sleep(pause)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        out, _ = child.communicate(timeout=30)
+    done = [int(line.split()[1]) for line in out.splitlines() if line.startswith("done")]
+    return done[-1] if done else expected
+
+
 KILL_CHILD = textwrap.dedent("""
     import sys, numpy as np
     from pgenrm_lite.bundle import Bundle
@@ -296,24 +314,12 @@ KILL_CHILD = textwrap.dedent("""
 def test_killed_updates_always_leave_the_old_or_the_new_version(tmp_path, clusters):
     vectors, _ = clusters
     root = synthetic_bundle(tmp_path / "k", vectors[:80], k=4)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     rng = random.Random(1234)
     start = time.monotonic()
     expected = 80
     kills_mid_run = 0
     for round_ in range(20):
-        child = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(root), str(round_)], env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            ready = child.stdout.readline().split()
-            assert ready[:1] == ["ready"], child.stderr.read()
-            assert int(ready[1]) == expected
-            time.sleep(rng.uniform(0.0, 0.25))
-        finally:
-            child.send_signal(signal.SIGKILL)
-            out, _ = child.communicate(timeout=30)
-        done = [int(line.split()[1]) for line in out.splitlines() if line.startswith("done")]
-        last = done[-1] if done else expected
+        last = run_and_kill([KILL_CHILD, str(root), str(round_)], expected, rng.uniform(0.0, 0.25))
         # The child may have switched the manifest and been killed before it printed.
         bundle = Bundle.open(root, verify="full")
         n = PrototypeIndex.load(bundle).n_members
@@ -396,22 +402,10 @@ FORGET_CHILD = textwrap.dedent("""
 def test_killed_forgets_leave_the_old_or_the_new_version(tmp_path, clusters):
     vectors, _ = clusters
     root = synthetic_bundle(tmp_path / "kf", vectors[:150], k=4)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     rng = random.Random(99)
     expected = 150
     for round_ in range(6):
-        child = subprocess.Popen([sys.executable, "-c", FORGET_CHILD, str(root)], env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            ready = child.stdout.readline().split()
-            assert ready[:1] == ["ready"], child.stderr.read()
-            assert int(ready[1]) == expected
-            time.sleep(rng.uniform(0.05, 0.3))
-        finally:
-            child.send_signal(signal.SIGKILL)
-            out, _ = child.communicate(timeout=30)
-        done = [int(line.split()[1]) for line in out.splitlines() if line.startswith("done")]
-        last = done[-1] if done else expected
+        last = run_and_kill([FORGET_CHILD, str(root)], expected, rng.uniform(0.05, 0.3))
         index = PrototypeIndex.load(Bundle.open(root, verify="full"))
         n = index.n_members
         assert n in (last, last - 1), (round_, last, n)
