@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ._llama import llama_cpp
 from .chat import ChatFormatter
 from .errors import ClosedError, ConfigError, EngineError
+
+if TYPE_CHECKING:
+    from .digit_readout import DigitTokens
 
 DEVICES = ("auto", "cpu", "gpu")
 
@@ -48,11 +51,18 @@ class LlamaModel:
             raise EngineError(f"llama.cpp could not load {path}: the file is not a GGUF "
                               "model this build supports (re-export it with `python -m export gguf`)")
         self.ptr = ptr
-        self.vocab = llama_cpp.llama_model_get_vocab(ptr)
+        try:
+            self._describe(chat_template)
+        except BaseException:
+            self.close()
+            raise
+
+    def _describe(self, chat_template: str | None) -> None:
+        self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(ptr)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.ptr)
         self._piece_buf = ctypes.create_string_buffer(256)
-        self.digit_tokens = None  # the vocabulary's digits, found on first use (see digit_readout)
+        self.digit_tokens: DigitTokens | None = None  # the vocabulary's digits, found on first use (see digit_readout)
         # An override wins over the template the GGUF file carries (e.g. a file without one).
         self.chat_template = chat_template or self.meta("tokenizer.chat_template")
         self.architecture = self.meta("general.architecture") or "unknown"

@@ -21,7 +21,7 @@ class TokenArray:
         self.data = (llama_cpp.llama_token_data * n)()
         self.arr = llama_cpp.llama_token_data_array(data=self.data, size=n, selected=-1, sorted=False)
         dtype = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
-        self.view = np.frombuffer(self.data, dtype=dtype)
+        self.view = np.frombuffer(self.data, dtype=dtype)  # type: ignore[call-overload]
 
     def load(self, ids: np.ndarray | int, logits: np.ndarray | float = 0.0) -> None:
         """Hold these candidates (one per slot) and logits, unsorted and unselected, for a sampler."""
@@ -125,7 +125,7 @@ class SequenceSampler:
         llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(full.arr))
         if full.arr.selected < 0:
             raise EngineError("the sampler selected no token (the grammar allows nothing here)")
-        return full.arr.data[full.arr.selected].id
+        return int(full.arr.data[full.arr.selected].id)
 
     def accept(self, token: int) -> None:
         """Advance the grammar past `token` (the chain's draw already advanced the chain)."""
