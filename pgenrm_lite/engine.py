@@ -13,6 +13,11 @@ request's sequence before the rest of the prompt is evaluated from position P. A
 `PrefixCache` skips the evaluation and restores the saved bytes, so the cells, their values
 and every later batch are the same whether the cache was cold, warm or filled by other calls:
 the same seed gives bitwise the same samples.
+
+The parts follow llama.cpp's own seams: `llama_model` (weights, vocabulary, chat template),
+`llama_context` (KV memory and batch), `llama_sampler` (one sequence's chain and grammar),
+`batched` (a call's prompt layout and decode loop) and `digit_readout` (per-call digit
+distributions); `generation` holds the request and result types re-exported here.
 """
 
 from __future__ import annotations
