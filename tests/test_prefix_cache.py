@@ -70,7 +70,8 @@ def split_engine(default_bundle):
 
 
 @pytest.mark.parametrize("kv", ["unified", "split"])
-def test_cold_warm_reordered_and_evicting_caches_give_bitwise_the_same_logits(kv, request):
+def test_cold_warm_reordered_and_evicting_caches_give_bitwise_the_same_logits(kv, default_bundle, request):
+    # default_bundle is named so that the real_model mark sees the engine fixture's model
     engine = request.getfixturevalue("engine" if kv == "unified" else "split_engine")
     requests = _requests(engine, [ALICE, BOB])
     engine.prefix_cache = PrefixCache(0)  # no cache: the reference
