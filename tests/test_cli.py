@@ -269,6 +269,7 @@ def test_a_scorer_option_out_of_range_is_a_typed_error(fake_engine, fake_bundle,
     argv = ["compare", "--bundle", str(fake_bundle), "--user", files["user"], "--prompt", "p", "--a", "x", "--b", "y"]
     typed_error([*argv, "--min-confidence", "2"], capsys, "min_confidence")
     typed_error([*argv, "--n-samples", "0"], capsys, "n_samples")
+    typed_error([*argv, "--n-samples", str(2 ** 64)], capsys, "at most 1024")  # not a job list without end
     typed_error([*argv, "--n-neighbors", "1"], capsys, "prototype index")
     typed_error([*argv, "--max-tokens", "50"], capsys, "too small for the output grammar")
 

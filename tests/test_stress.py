@@ -24,7 +24,7 @@ from pgenrm_lite import CompareResult, ConfigError, Preference, RecordError, Sco
 from pgenrm_lite.datasets import load_rows
 from pgenrm_lite.errors import DataFormatError
 from pgenrm_lite.records import MAX_HISTORY_PAIRS, MAX_TEXT_CHARS
-from pgenrm_lite.scorer import MAX_RESPONSES
+from pgenrm_lite.scorer import MAX_CHAINS, MAX_RESPONSES
 
 N_THREADS, CALLS_PER_THREAD = 8, 50
 # Shorter chains than conftest's FAST: the concurrency test makes 800 calls.
@@ -123,6 +123,15 @@ def test_compare_refuses_non_text_and_broken_unicode(fake_scorer):
         fake_scorer.compare(ALICE, "half a pair \ud83d", A, B)
     with pytest.raises(ConfigError, match="UserProfile"):
         fake_scorer.compare({"user_id": "alice"}, PROMPT, A, B)
+
+
+def test_chain_counts_above_the_limit_are_refused_before_any_work(fake_engine, fake_gguf, fake_bundle):
+    for kwargs in ({"n_samples": MAX_CHAINS + 1}, {"n_samples": 2 ** 64}):
+        with pytest.raises(ConfigError, match=f"at most {MAX_CHAINS}"):
+            Scorer.from_gguf(fake_gguf, **kwargs)
+    with pytest.raises(ConfigError, match=f"at most {MAX_CHAINS}"):
+        Scorer.from_bundle(fake_bundle, n_samples=1, n_neighbors=2 ** 64)
+    assert fake_engine.last is None
 
 
 def test_score_refuses_too_many_or_too_long_responses(fake_scorer):
