@@ -29,6 +29,7 @@ from .records import (MAX_SEED, CompareResult, Confidence, EvaluationChain, Grou
 # untrusted text (history, query, candidates) to these lengths, keeping head and tail.
 SHORTEN_STEPS = (4000, 2000, 1000, 500, 250)
 MAX_RESPONSES = 16  # score() compares all pairs: k(k-1)/2 pairs
+MAX_CHAINS = 1024  # n_samples and n_neighbors each: every chain is a job held in memory
 PERSONA_MODES = ("cached", "query")
 
 
@@ -678,6 +679,8 @@ def _check_counts(n_samples: object, n_neighbors: object) -> None:
     if n_samples < 0 or n_neighbors < 0 or n_samples + n_neighbors == 0:  # type: ignore[operator]
         raise ConfigError(f"n_samples={n_samples}, n_neighbors={n_neighbors}: both must be >= 0 "
                           "and at least one > 0")
+    if max(n_samples, n_neighbors) > MAX_CHAINS:  # type: ignore[type-var]
+        raise ConfigError(f"n_samples={n_samples}, n_neighbors={n_neighbors}: each must be at most {MAX_CHAINS}")
 
 
 def _check_user(user: UserProfile) -> None:

@@ -12,7 +12,7 @@ import pytest
 from pgenrm_lite import BundleError, BundleIntegrityError, BundleVersionError, Scorer
 from pgenrm_lite.bundle import MANIFEST, Bundle
 
-from conftest import REPO
+from conftest import ALICE, PROMPT, REPO, A, B
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +51,7 @@ def test_manifest_describes_the_model(bundle_dir, tiny_gguf):
 def test_scorer_from_bundle_scores(bundle_dir):
     with Scorer.from_bundle(bundle_dir, n_samples=1, max_tokens=400, analysis_chars=(10, 80),
                             n_threads=1) as scorer:
-        from test_scorer import A, B, PROMPT, USER
-
-        res = scorer.compare(USER, PROMPT, A, B)
+        res = scorer.compare(ALICE, PROMPT, A, B)
     assert res.n_parsed == 1
 
 

@@ -4,18 +4,11 @@ each scaling level separately, and abstention under min_confidence."""
 from __future__ import annotations
 
 import pytest
+from conftest import ALICE, chain_text
 
 from pgenrm_lite import scaling
 from pgenrm_lite.errors import ConfigError
 from pgenrm_lite.evaluation import Tally
-from pgenrm_lite.records import Preference, UserProfile
-
-USER = UserProfile(user_id="u", history=[Preference(prompt="q", chosen="c", rejected="r")])
-
-
-def chain(s1: float, s2: float) -> str:
-    return ('ok\n<JSON_START>\n{"rationale": {"criteria": [{"name": "Brevity", "weight": 100, "response_1": 5, '
-            f'"response_2": 5}}]}}, "better_response": {{"response_1": {s1}, "response_2": {s2}}}}}\n<JSON_END>')
 
 
 def test_level_confidence_arithmetic():
@@ -30,12 +23,12 @@ def test_level_confidence_arithmetic():
     assert scaling.level_confidence([])["prefer_a"] is None
 
 
-def test_compare_reports_confidence_per_level_and_order(fake_engine, tiny_gguf):
+def test_compare_reports_confidence_per_level_and_order(fake_engine, fake_gguf):
     from pgenrm_lite.scorer import Scorer
 
-    fake_engine.queue = [chain(8, 6), chain(7, 3), chain(6, 6)]  # Response 1 / 2 as shown
-    with Scorer.from_gguf(tiny_gguf, n_samples=6, n_ctx=1 << 20) as scorer:
-        res = scorer.compare(USER, "q", "a", "b", seed=0)
+    fake_engine.queue = [chain_text(8, 6), chain_text(7, 3), chain_text(6, 6)]  # Response 1 / 2 as shown
+    with Scorer.from_gguf(fake_gguf, n_samples=6, n_ctx=1 << 20) as scorer:
+        res = scorer.compare(ALICE, "q", "a", "b", seed=0)
     conf = res.confidence
     assert conf.prototype is None and conf.overall == conf.individual and conf.overall.n_chains == 6
     expected = scaling.level_confidence([((s.score_a, s.score_b), s.swapped) for s in res.samples])
@@ -45,18 +38,18 @@ def test_compare_reports_confidence_per_level_and_order(fake_engine, tiny_gguf):
     assert conf.overall.order_consistent is False
 
 
-def test_min_confidence_abstains_and_is_counted(fake_engine, tiny_gguf):
+def test_min_confidence_abstains_and_is_counted(fake_engine, fake_gguf):
     from pgenrm_lite.scorer import Scorer
 
-    fake_engine.queue = [chain(8, 6), chain(6, 8), chain(6, 8)]
-    with Scorer.from_gguf(tiny_gguf, n_samples=3, n_ctx=1 << 20, candidate_order="item") as scorer:
-        base = scorer.compare(USER, "q", "a", "b", seed=1)
+    fake_engine.queue = [chain_text(8, 6), chain_text(6, 8), chain_text(6, 8)]
+    with Scorer.from_gguf(fake_gguf, n_samples=3, n_ctx=1 << 20, candidate_order="item") as scorer:
+        base = scorer.compare(ALICE, "q", "a", "b", seed=1)
     assert base.preferred is not None and not base.abstained
     share = max(base.confidence.overall.prefer_a, base.confidence.overall.prefer_b)
     assert share == pytest.approx(2 / 3)
-    with Scorer.from_gguf(tiny_gguf, n_samples=3, n_ctx=1 << 20, candidate_order="item",
+    with Scorer.from_gguf(fake_gguf, n_samples=3, n_ctx=1 << 20, candidate_order="item",
                           min_confidence=0.9) as scorer:
-        res = scorer.compare(USER, "q", "a", "b", seed=1)
+        res = scorer.compare(ALICE, "q", "a", "b", seed=1)
     assert res.preferred is None and res.abstained and (res.score_a, res.score_b) == (base.score_a, base.score_b)
     assert any("below min_confidence=0.9" in n for n in res.notes)
     tally = Tally()
@@ -64,4 +57,4 @@ def test_min_confidence_abstains_and_is_counted(fake_engine, tiny_gguf):
     assert (tally.abstained, tally.ties, tally.no_parse) == (1, 0, 0)
     for bad in (0, 1.5, True, "x"):
         with pytest.raises(ConfigError, match="min_confidence"):
-            Scorer.from_gguf(tiny_gguf, n_ctx=1024, min_confidence=bad)
+            Scorer.from_gguf(fake_gguf, n_ctx=1024, min_confidence=bad)

@@ -35,7 +35,7 @@ TEXTS = ["The user prefers short, direct answers with working code examples.",
 
 
 @pytest.fixture(scope="module")
-def qwen3_st_dir(tmp_path_factory, real_tokenizer) -> Path:
+def qwen3_st_dir(tmp_path_factory, real_tokenizer, export_deps) -> Path:
     """sentence-transformers layout around a tiny random Qwen3 with the real Qwen3 tokenizer."""
     real_tokenizer("qwen3")
     from tiny_models import build_real_tokenizer_checkpoint

@@ -61,7 +61,7 @@ SPECIAL_TEXTS = ("<|im_start|>", "<|im_end|>", "<s>", "</s>", "<|endoftext|>")
 # ----------------------------------------------------------------------------- helpers
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
+def workdir(tmp_path_factory, export_deps) -> Path:
     return tmp_path_factory.mktemp("export_gguf")
 
 
@@ -464,7 +464,7 @@ def test_cli(checkpoint, tmp_path):
 
 # ----------------------------------------------------------------------------- benchmark
 
-def test_convert_memory_benchmark_tiny(tmp_path):
+def test_convert_memory_benchmark_tiny(tmp_path, export_deps):
     result_file = tmp_path / "convert_memory.json"
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "convert_memory.py"), "--tiny",
                           "--out", str(result_file), "--workdir", str(tmp_path)],

@@ -14,22 +14,22 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from conftest import ALICE, faked_engine
 from hypothesis import strategies as st
 
 from pgenrm_lite.cli import main
 from pgenrm_lite.errors import ConfigError, PgenrmError
-from pgenrm_lite.records import Preference, UserProfile
+from pgenrm_lite.records import UserProfile
 
 REPO = Path(__file__).resolve().parent.parent
-USER = UserProfile(user_id="u", history=[Preference(prompt="q", chosen="c", rejected="r")])
 CASES = int(os.environ.get("PGENRM_FUZZ_CASES", "1200"))
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_gguf, tmp_path_factory) -> Path:
-    from export.bundle_build import build_bundle
-
-    return build_bundle(tiny_gguf, tmp_path_factory.mktemp("hostile") / "bundle")
+def bundle(fake_bundle) -> Path:
+    """Every refusal here comes before the model loads; were one to come later, llama.cpp would
+    fail on this tensorless model with another message, and the test with it."""
+    return fake_bundle
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("inputs")
     out = {"user": d / "user.json", "latin1": d / "latin1.txt", "text": d / "ok.txt", "fifo": d / "fifo",
            "rows": d / "rows.jsonl"}
-    out["user"].write_bytes(USER.to_json())
+    out["user"].write_bytes(ALICE.to_json())
     out["latin1"].write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     out["text"].write_text("Reverse a string?")
     os.mkfifo(out["fifo"])
@@ -136,24 +136,24 @@ def test_every_command_takes_the_documented_options():
 
 # -- the Python API ------------------------------------------------------------------------
 
-def test_api_refuses_bad_values_before_any_model_work(fake_engine, tiny_gguf):
+def test_api_refuses_bad_values_before_any_model_work(fake_engine, fake_gguf):
     from pgenrm_lite.scorer import Scorer
 
-    with Scorer.from_gguf(tiny_gguf, n_ctx=8192) as scorer:
+    with Scorer.from_gguf(fake_gguf, n_ctx=8192) as scorer:
         engine = scorer.engine
         for bad in ("ab", None, 5, b"ab", {"a": 1}):
             with pytest.raises(ConfigError, match="responses must be a list"):
-                scorer.score(USER, "p", bad)  # type: ignore[arg-type]
+                scorer.score(ALICE, "p", bad)  # type: ignore[arg-type]
         for seed in (1.5, -1, 2 ** 64, True, "3", None if False else float("nan")):
             with pytest.raises(ConfigError, match="seed must be an integer"):
-                scorer.compare(USER, "p", "a", "b", seed=seed)  # type: ignore[arg-type]
+                scorer.compare(ALICE, "p", "a", "b", seed=seed)  # type: ignore[arg-type]
         assert engine.calls == []  # nothing reached the model
-        res = scorer.compare(USER, "p", "a", "b", seed=2 ** 64 - 1)
+        res = scorer.compare(ALICE, "p", "a", "b", seed=2 ** 64 - 1)
         assert res.seed == 2 ** 64 - 1 and UserProfile  # the largest seed is recorded ...
         assert b'"seed":18446744073709551615' in res.to_json()  # ... and serialises
     for kwargs in ({"seed": 2 ** 64}, {"n_samples": 1.5}, {"n_samples": -1}):
         with pytest.raises(ConfigError):
-            Scorer.from_gguf(tiny_gguf, **kwargs)
+            Scorer.from_gguf(fake_gguf, **kwargs)
 
 
 def test_wrong_types_are_described_once():
@@ -221,7 +221,7 @@ TEXTS = st.one_of(st.text(max_size=40), st.none(), st.integers(), st.binary(max_
 @settings(max_examples=CASES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(prompt=TEXTS, a=TEXTS, b=TEXTS, responses=st.one_of(TEXTS, st.lists(TEXTS, max_size=4)),
        seed=st.one_of(st.integers(-2, 2 ** 65), st.floats(allow_nan=True), st.none(), st.booleans(), st.text(max_size=3)),
-       user=st.one_of(st.just(USER), st.none(), st.text(max_size=3), st.dictionaries(st.text(max_size=3), st.integers())))
+       user=st.one_of(st.just(ALICE), st.none(), st.text(max_size=3), st.dictionaries(st.text(max_size=3), st.integers())))
 def test_api_arguments_never_escape_typed_errors(scorer_on_fake, prompt, a, b, responses, seed, user):
     for call in (lambda: scorer_on_fake.compare(user, prompt, a, b, seed=seed),
                  lambda: scorer_on_fake.score(user, prompt, responses, seed=seed),
@@ -235,15 +235,10 @@ def test_api_arguments_never_escape_typed_errors(scorer_on_fake, prompt, a, b, r
 
 
 @pytest.fixture(scope="module")
-def scorer_on_fake(tiny_gguf):
-    import pgenrm_lite.scorer as scorer_module
-    from conftest import FakeEngine
+def scorer_on_fake(fake_gguf):
+    from pgenrm_lite.scorer import Scorer
 
-    real = scorer_module.Engine
-    scorer_module.Engine = FakeEngine
-    try:
-        scorer = scorer_module.Scorer.from_gguf(tiny_gguf, n_samples=2, n_ctx=1 << 20)
-    finally:
-        scorer_module.Engine = real
+    with faked_engine():
+        scorer = Scorer.from_gguf(fake_gguf, n_samples=2, n_ctx=1 << 20)
     yield scorer
     scorer.close()

@@ -8,21 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import require
+from conftest import ALICE, BOB, FAST, require
 
-from pgenrm_lite import Preference, Scorer, UserProfile
+from pgenrm_lite import Scorer, UserProfile
 from pgenrm_lite.integrations.ray import RESULT_COLUMNS, row_seed
-
-FAST = dict(max_tokens=400, analysis_chars=(10, 120), max_criteria=2)
-
-ALICE = UserProfile(user_id="alice", history=[
-    Preference(prompt="How do I sort a list in Python?", chosen="Use sorted(items).",
-               rejected="Sorting is a fundamental concept with a long history."),
-])
-BOB = UserProfile(user_id="bob", history=[
-    Preference(prompt="Name a colour", chosen="Teal.", rejected="I cannot answer."),
-])
-
 
 @pytest.fixture(scope="module")
 def ray_cluster():
@@ -63,7 +52,7 @@ def test_score_dataset_on_two_actors_matches_a_local_scorer(ray_cluster, bundle)
     assert [r["personalised"] for r in out] == [True, True, False, False] * 2
 
     # The same rows on one machine, with the same per-row seeds, give the same results.
-    with Scorer.from_bundle(bundle, n_samples=1, seed=3, n_threads=1, **FAST) as scorer:
+    with Scorer.from_bundle(bundle, n_samples=1, seed=3, **FAST) as scorer:
         for r in out:
             uid = r["user_id"]
             user = {"alice": ALICE, "bob": BOB}.get(uid) or UserProfile(user_id=uid or "(anonymous)")

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import ALICE, FAST
 
-from pgenrm_lite import CompareResult, DataFormatError, Preference, Scorer, UserProfile
+from pgenrm_lite import CompareResult, DataFormatError, Scorer, UserProfile
 from pgenrm_lite.datasets import NO_USER, load_profiles, load_rewardbench
 from pgenrm_lite.integrations.rewardbench import judge_pair, result_value, rewardbench_score, verdict
-
-FAST = dict(max_tokens=400, analysis_chars=(10, 120), max_criteria=2, n_threads=1)
-ALICE = UserProfile(user_id="alice", history=[
-    Preference(prompt="How do I sort a list in Python?", chosen="Use sorted(items).",
-               rejected="Sorting is a fundamental concept with a long history."),
-])
 
 
 def _result(preferred, a, b, n_parsed=1):
@@ -35,8 +29,8 @@ def test_verdicts_ties_are_errors():
     assert rewardbench_score({"pairs": 0}) is None
 
 
-def test_judge_pair_on_the_tiny_model(tiny_gguf):
-    with Scorer.from_gguf(tiny_gguf, n_samples=3, n_ctx=4096, **FAST) as scorer:
+def test_judge_pair_is_the_verdict_of_compare(fake_engine, fake_gguf):
+    with Scorer.from_gguf(fake_gguf, n_samples=3, n_ctx=4096, **FAST) as scorer:
         v = judge_pair(scorer, ALICE, "Reverse a string?", "s[::-1]", "No idea.", seed=5)
         res = scorer.compare(ALICE, "Reverse a string?", "s[::-1]", "No idea.", seed=5)
         assert v == verdict(res) and v in ("A", "B", "error")
@@ -94,13 +88,10 @@ def test_load_profiles_json_list_and_jsonl(tmp_path):
         load_profiles(tmp_path / "bad.jsonl")
 
 
-def test_cli_eval_rewardbench(tmp_path, tiny_gguf, capsys):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from export.bundle_build import build_bundle
-
+def test_cli_eval_rewardbench(tmp_path, fake_engine, fake_bundle, capsys):
     from pgenrm_lite.cli import main
 
-    bundle = build_bundle(tiny_gguf, tmp_path / "bundle")
+    bundle = fake_bundle
     data = _write_jsonl(tmp_path / "rb.jsonl", [
         {"prompt": "Reverse a string?", "chosen": "s[::-1]", "rejected": "No idea.", "uid": "alice"},
         {"prompt": "Name a colour", "chosen": "Teal.", "rejected": "I cannot answer.", "uid": "stranger"},

@@ -1,4 +1,6 @@
-"""The TRL reward function: called exactly as GRPOTrainer calls it, and one real GRPO step."""
+"""The TRL reward function: called exactly as GRPOTrainer calls it (on the FakeEngine, whose chains
+are drawn from the prompt, so a reward for the wrong user or completion would differ from the
+direct call), and real GRPO steps on the tiny model and on SmolLM2."""
 
 from __future__ import annotations
 
@@ -7,29 +9,13 @@ import math
 import os
 
 import pytest
-from conftest import require
+from conftest import ALICE, BOB, require
 
-from pgenrm_lite import ConfigError, Preference, Scorer, UserProfile
+from pgenrm_lite import ConfigError, Scorer, UserProfile
 from pgenrm_lite.group_rewards import bradley_terry
 from pgenrm_lite.integrations.trl import completion_response, prompt_query, reward_function
 
-FAST = dict(max_tokens=400, analysis_chars=(10, 120), max_criteria=2, n_threads=1)
-
-ALICE = UserProfile(user_id="alice", history=[
-    Preference(prompt="How do I sort a list in Python?", chosen="Use sorted(items).",
-               rejected="Sorting is a fundamental concept with a long history."),
-    Preference(prompt="Weather in Paris?", chosen="12 C and rain.", rejected="Paris is in France."),
-])
-BOB = UserProfile(user_id="bob", history=[
-    Preference(prompt="Name a colour", chosen="Teal, a blue-green named after the duck.", rejected="Teal."),
-])
 PROFILES = {"alice": ALICE, "bob": BOB}
-
-
-@pytest.fixture(scope="module")
-def scorer(tiny_gguf):
-    with Scorer.from_gguf(tiny_gguf, n_samples=1, n_ctx=4096, **FAST) as s:
-        yield s
 
 
 class _State:
@@ -64,8 +50,8 @@ def _same(a, b):
     return all((math.isnan(x) and math.isnan(y)) or x == y for x, y in zip(a, b)) and len(a) == len(b)
 
 
-def test_standard_format_groups_completions_of_one_prompt(scorer):
-    func = reward_function(scorer, PROFILES)
+def test_standard_format_groups_completions_of_one_prompt(fake_scorer):
+    func = reward_function(fake_scorer, PROFILES)
     assert func.__name__ == "pgenrm_reward"
     # GRPO repeats each prompt num_generations times, consecutively (RepeatSampler).
     prompts = ["How do I reverse a string?"] * 2 + ["Name a colour"] * 2
@@ -74,14 +60,14 @@ def test_standard_format_groups_completions_of_one_prompt(scorer):
     got = call_like_grpo_trainer(func, prompts, completions, {"user_id": ["alice", "alice", "bob", "bob"],
                                                               "other_column": [1, 1, 2, 2]}, metrics)
     assert all(0 <= r <= 10 for r in got)
-    assert _same(got[:2], scorer.score(ALICE, prompts[0], completions[:2]))
-    assert _same(got[2:], scorer.score(BOB, prompts[2], completions[2:]))
+    assert _same(got[:2], fake_scorer.score(ALICE, prompts[0], completions[:2]))
+    assert _same(got[2:], fake_scorer.score(BOB, prompts[2], completions[2:]))
     assert metrics["pgenrm/unknown_user_fraction"] == [0.0]
     assert metrics["pgenrm/no_reward_fraction"] == [0.0]
 
 
-def test_conversational_format_uses_last_user_turn_and_assistant_content(scorer):
-    func = reward_function(scorer, PROFILES)
+def test_conversational_format_uses_last_user_turn_and_assistant_content(fake_scorer):
+    func = reward_function(fake_scorer, PROFILES)
     prompt = [{"role": "system", "content": "You are terse."},
               {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
               {"role": "user", "content": "How do I reverse a string?"}]
@@ -91,53 +77,53 @@ def test_conversational_format_uses_last_user_turn_and_assistant_content(scorer)
     got = call_like_grpo_trainer(func, [prompt] * 3, completions, {"user_id": ["alice"] * 3})
     assert prompt_query(prompt) == "How do I reverse a string?"
     assert completion_response(completions[1]) == "Loop backwards."
-    expected = scorer.score(ALICE, "How do I reverse a string?", ["Use s[::-1].", "Loop backwards.", "No idea."])
+    expected = fake_scorer.score(ALICE, "How do I reverse a string?", ["Use s[::-1].", "Loop backwards.", "No idea."])
     assert _same(got, expected)
 
 
-def test_unknown_users_get_none_or_the_non_personalised_judge(scorer):
+def test_unknown_users_get_none_or_the_non_personalised_judge(fake_scorer):
     prompts = ["Q?"] * 2
     completions = ["yes", "no"]
     metrics: dict = {}
-    none = call_like_grpo_trainer(reward_function(scorer, PROFILES), prompts, completions,
+    none = call_like_grpo_trainer(reward_function(fake_scorer, PROFILES), prompts, completions,
                                   {"user_id": ["carol", "carol"]}, metrics)
     assert all(math.isnan(r) for r in none)
     assert metrics["pgenrm/unknown_user_fraction"] == [1.0] and metrics["pgenrm/no_reward_fraction"] == [1.0]
-    generic = call_like_grpo_trainer(reward_function(scorer, PROFILES, fallback="unpersonalised"), prompts,
+    generic = call_like_grpo_trainer(reward_function(fake_scorer, PROFILES, fallback="unpersonalised"), prompts,
                                      completions, {"user_id": ["carol", "carol"]})
-    assert _same(generic, scorer.score(UserProfile(user_id="carol"), "Q?", completions))
+    assert _same(generic, fake_scorer.score(UserProfile(user_id="carol"), "Q?", completions))
     # no user column at all: the non-personalised judge, or a clear error
-    assert len(call_like_grpo_trainer(reward_function(scorer, [ALICE], fallback="unpersonalised"), prompts,
+    assert len(call_like_grpo_trainer(reward_function(fake_scorer, [ALICE], fallback="unpersonalised"), prompts,
                                       completions, {})) == 2
     with pytest.raises(ConfigError, match="no 'user_id' column"):
-        call_like_grpo_trainer(reward_function(scorer, PROFILES), prompts, completions, {})
+        call_like_grpo_trainer(reward_function(fake_scorer, PROFILES), prompts, completions, {})
 
 
-def test_lonely_completion_uses_the_reference_column_or_gets_none(scorer):
+def test_lonely_completion_uses_the_reference_column_or_gets_none(fake_scorer):
     prompts = ["How do I reverse a string?"]
-    without = call_like_grpo_trainer(reward_function(scorer, PROFILES), prompts, ["Use s[::-1]."],
+    without = call_like_grpo_trainer(reward_function(fake_scorer, PROFILES), prompts, ["Use s[::-1]."],
                                      {"user_id": ["alice"]})
     assert math.isnan(without[0])
-    func = reward_function(scorer, PROFILES, reference_key="reference")
+    func = reward_function(fake_scorer, PROFILES, reference_key="reference")
     got = call_like_grpo_trainer(func, prompts, ["Use s[::-1]."], {"user_id": ["alice"], "reference": ["reversed(s)"]})
-    assert got[0] == scorer.score(ALICE, prompts[0], ["Use s[::-1].", "reversed(s)"])[0]
+    assert got[0] == fake_scorer.score(ALICE, prompts[0], ["Use s[::-1].", "reversed(s)"])[0]
 
 
-def test_large_groups_split_evenly(scorer):
-    func = reward_function(scorer, PROFILES, max_group=2)
+def test_large_groups_split_evenly(fake_scorer):
+    func = reward_function(fake_scorer, PROFILES, max_group=2)
     completions = ["a", "b", "c", "d"]
     got = call_like_grpo_trainer(func, ["Q?"] * 4, completions, {"user_id": ["bob"] * 4})
-    assert _same(got, scorer.score(BOB, "Q?", ["a", "b"]) + scorer.score(BOB, "Q?", ["c", "d"]))
+    assert _same(got, fake_scorer.score(BOB, "Q?", ["a", "b"]) + fake_scorer.score(BOB, "Q?", ["c", "d"]))
 
 
-def test_bad_arguments(scorer):
+def test_bad_arguments(fake_scorer):
     with pytest.raises(ConfigError, match="fallback"):
-        reward_function(scorer, PROFILES, fallback="ignore")  # type: ignore[arg-type]
+        reward_function(fake_scorer, PROFILES, fallback="ignore")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="max_group"):
-        reward_function(scorer, PROFILES, max_group=1)
+        reward_function(fake_scorer, PROFILES, max_group=1)
     with pytest.raises(ConfigError, match="UserProfile"):
-        reward_function(scorer, {"x": {"user_id": "x"}})
-    func = reward_function(scorer, PROFILES)
+        reward_function(fake_scorer, {"x": {"user_id": "x"}})
+    func = reward_function(fake_scorer, PROFILES)
     with pytest.raises(ConfigError, match="one prompt per completion"):
         func(prompts=["a"], completions=["x", "y"], user_id=["alice", "alice"])
 

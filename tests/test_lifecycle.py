@@ -5,12 +5,10 @@ from __future__ import annotations
 import threading
 
 import pytest
+from conftest import ALICE
 
 from pgenrm_lite.errors import ClosedError
-from pgenrm_lite.records import Preference, UserProfile
 from pgenrm_lite.scorer import Scorer
-
-USER = UserProfile(user_id="u", history=[Preference(prompt="q", chosen="c", rejected="r")])
 
 
 def _scorer(tiny_gguf) -> Scorer:
@@ -19,11 +17,11 @@ def _scorer(tiny_gguf) -> Scorer:
 
 def test_every_call_after_close_is_a_typed_error(tiny_gguf):
     scorer = _scorer(tiny_gguf)
-    assert scorer.compare(USER, "q", "a", "b").n_samples == 2
+    assert scorer.compare(ALICE, "q", "a", "b").n_samples == 2
     scorer.close()
     scorer.close()  # twice is harmless
-    for call in (lambda: scorer.compare(USER, "q", "a", "b"), lambda: scorer.score(USER, "q", ["a", "b"]),
-                 lambda: scorer.prompt(USER, "q", "a", "b"), lambda: scorer.engine.tokenize("x"),
+    for call in (lambda: scorer.compare(ALICE, "q", "a", "b"), lambda: scorer.score(ALICE, "q", ["a", "b"]),
+                 lambda: scorer.prompt(ALICE, "q", "a", "b"), lambda: scorer.engine.tokenize("x"),
                  lambda: scorer.engine.chat_tokens([{"role": "user", "content": "x"}])):
         with pytest.raises(ClosedError, match="closed"):
             call()
@@ -38,7 +36,7 @@ def test_close_from_other_threads_during_calls(tiny_gguf):
         started.set()
         for _ in range(5):
             try:
-                res = scorer.compare(USER, f"q{i}", "a", "b", seed=i)
+                res = scorer.compare(ALICE, f"q{i}", "a", "b", seed=i)
                 outcomes.append("result" if res.n_samples == 2 else "bad")
             except ClosedError:
                 outcomes.append("closed")
@@ -55,4 +53,4 @@ def test_close_from_other_threads_during_calls(tiny_gguf):
     assert len(outcomes) == 20 and set(outcomes) <= {"result", "closed"}
     assert "closed" in outcomes  # calls after close failed typed, and the process is alive
     with pytest.raises(ClosedError):
-        scorer.score(USER, "q", ["a", "b"])
+        scorer.score(ALICE, "q", ["a", "b"])

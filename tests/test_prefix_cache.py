@@ -11,28 +11,14 @@ import threading
 import llama_cpp
 import numpy as np
 import pytest
+from conftest import ALICE, BOB, PROMPT, A, B
 
-from pgenrm_lite import Preference, Scorer, UserProfile, protocol
+from pgenrm_lite import Scorer, protocol
 from pgenrm_lite.engine import Engine, Request, SamplingParams, common_prefix
 from pgenrm_lite.errors import CacheFileError
 from pgenrm_lite.llama_sampler import SequenceSampler
 from pgenrm_lite.prefix_cache import HEADER, PrefixCache, cache_key, read_file_payload
 
-ALICE = UserProfile(user_id="alice", history=[
-    Preference(prompt="How do I sort a list in Python?", chosen="Use sorted(items).",
-               rejected="Sorting is a fundamental concept with a long history."),
-    Preference(prompt="Write a haiku about autumn.", chosen="Crimson leaves drifting.",
-               rejected="Autumn is a season. Leaves fall."),
-    Preference(prompt="Weather in Paris?", chosen="12 C and rain.", rejected="Paris is in France."),
-])
-BOB = UserProfile(user_id="bob", history=[
-    Preference(prompt="Explain recursion.", chosen="A function that calls itself, with a base case and an "
-               "example in Python, step by step, showing the call stack.", rejected="Recursion is recursion."),
-    Preference(prompt="Best way to learn French?", chosen="Daily practice with native speakers, podcasts, "
-               "and spaced repetition of vocabulary.", rejected="Just go to France."),
-])
-PROMPT = "How do I reverse a string in Python?"
-A, B = "Use s[::-1].", "Strings are sequences of characters and reversing is an interesting topic."
 SHORT = SamplingParams(max_tokens=6, temperature=1.0)  # unconstrained: a few tokens, logits compared
 
 
@@ -88,7 +74,8 @@ def split_engine(default_bundle):
 
 
 @pytest.mark.parametrize("kv", ["unified", "split"])
-def test_cold_warm_reordered_and_evicting_caches_give_bitwise_the_same_logits(kv, request):
+def test_cold_warm_reordered_and_evicting_caches_give_bitwise_the_same_logits(kv, default_bundle, request):
+    # default_bundle is named so that the real_model mark sees the engine fixture's model
     engine = request.getfixturevalue("engine" if kv == "unified" else "split_engine")
     requests = _requests(engine, [ALICE, BOB])
     engine.prefix_cache = PrefixCache(0)  # no cache: the reference
@@ -216,11 +203,11 @@ def test_memory_cache_is_lru_within_budget_and_thread_safe():
     assert snap.hits + snap.misses == 4 * 2000 + 3
 
 
-FAST = dict(max_tokens=117, analysis_chars=(10, 40), max_criteria=1, n_threads=2, device="cpu")
+SMOLLM2_SHORT = dict(max_tokens=117, analysis_chars=(10, 40), max_criteria=1, n_threads=2, device="cpu")
 
 
 def test_scorer_compare_and_score_with_neighbours_cold_warm_and_threaded(default_bundle):
-    with Scorer.from_bundle(default_bundle, n_samples=1, n_neighbors=1, **FAST) as scorer:
+    with Scorer.from_bundle(default_bundle, n_samples=1, n_neighbors=1, **SMOLLM2_SHORT) as scorer:
         cold = scorer.compare(ALICE, PROMPT, A, B, seed=5)
         warm = scorer.compare(ALICE, PROMPT, A, B, seed=5)
         assert [s.kind for s in cold.samples] == ["self", "neighbor"]
@@ -250,20 +237,20 @@ def test_scorer_compare_and_score_with_neighbours_cold_warm_and_threaded(default
         assert (after.hits + after.misses) - (before.hits + before.misses) == lookups
 
 
-def test_options_reach_the_engine_and_bad_sizes_are_config_errors(fake_engine, tiny_gguf, tmp_path):
+def test_options_reach_the_engine_and_bad_sizes_are_config_errors(fake_engine, fake_gguf, tmp_path):
     from pgenrm_lite.cli import build_parser
     from pgenrm_lite.errors import ConfigError
 
-    with Scorer.from_gguf(tiny_gguf, prefix_cache_mb=1, prefix_cache_dir=tmp_path / "kv",
+    with Scorer.from_gguf(fake_gguf, prefix_cache_mb=1, prefix_cache_dir=tmp_path / "kv",
                           prefix_cache_disk_mb=3) as s:
         cache = s.prefix_cache
         assert s.engine.prefix_cache is cache and (tmp_path / "kv").is_dir()
         assert (cache.budget, cache.disk_budget) == (1 << 20, 3 << 20)
     for bad in (-1, "12", True, float("nan")):
         with pytest.raises(ConfigError, match="prefix_cache_mb"):
-            Scorer.from_gguf(tiny_gguf, prefix_cache_mb=bad)
+            Scorer.from_gguf(fake_gguf, prefix_cache_mb=bad)
     with pytest.raises(ConfigError, match="cannot be created"):
-        Scorer.from_gguf(tiny_gguf, prefix_cache_dir=tiny_gguf / "kv")  # under a file
+        Scorer.from_gguf(fake_gguf, prefix_cache_dir=fake_gguf / "kv")  # under a file
     args = build_parser().parse_args(["compare", "--user", "u.json", "--prompt", "p", "--a", "a", "--b", "b",
                                       "--prefix-cache-mb", "0", "--prefix-cache-dir", str(tmp_path)])
     assert (args.prefix_cache_mb, args.prefix_cache_dir) == (0.0, str(tmp_path))

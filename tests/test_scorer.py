@@ -1,4 +1,5 @@
-"""The Scorer on real GGUF models loaded by llama.cpp: a tiny random Llama and SmolLM2-135M."""
+"""The Scorer on real GGUF models loaded by llama.cpp (a tiny random Llama and SmolLM2-135M), and
+its own logic (fitting, aggregation, failures, options) on the FakeEngine."""
 
 from __future__ import annotations
 
@@ -7,25 +8,11 @@ import re
 import threading
 
 import pytest
+from conftest import ALICE, FAST, PROMPT, A, B, chain_text
 
-from pgenrm_lite import (CompareResult, ConfigError, ContextOverflowError, Preference, Scorer, UserProfile)
+from pgenrm_lite import CompareResult, ConfigError, ContextOverflowError, Preference, Scorer, UserProfile
 from pgenrm_lite.datasets import load_hh, rows_of_split, users_from_rows
 from pgenrm_lite.engine import Request
-
-USER = UserProfile(user_id="alice", history=[
-    Preference(prompt="How do I sort a list in Python?", chosen="Use sorted(items).",
-               rejected="Sorting is a fundamental concept with a long history."),
-    Preference(prompt="Write a haiku about autumn.", chosen="Crimson leaves drifting.",
-               rejected="Autumn is a season. Leaves fall."),
-    Preference(prompt="Weather in Paris?", chosen="12 C and rain.", rejected="Paris is in France."),
-    Preference(prompt="Name a colour", chosen="Teal.", rejected="I cannot answer."),
-])
-PROMPT = "How do I reverse a string in Python?"
-A, B = "Use s[::-1].", "Strings are sequences of characters and reversing is an interesting topic."
-
-# Tiny-vocabulary model: about one character per token, so a generous max_tokens; one thread
-# because the model is too small to gain from two.
-FAST = dict(max_tokens=400, analysis_chars=(10, 120), max_criteria=2, n_threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +22,7 @@ def tiny_scorer(tiny_gguf):
 
 
 def test_compare_returns_a_complete_typed_result(tiny_scorer):
-    res = tiny_scorer.compare(USER, PROMPT, A, B)
+    res = tiny_scorer.compare(ALICE, PROMPT, A, B)
     assert isinstance(res, CompareResult)
     assert res.n_samples == 3 and res.n_neighbors == 0 and res.seed == 0
     assert res.n_parsed + res.n_failed == 3 == len(res.samples)
@@ -56,28 +43,28 @@ def test_compare_returns_a_complete_typed_result(tiny_scorer):
 
 
 def test_same_seed_same_result_different_seed_different_samples(tiny_scorer):
-    first = tiny_scorer.compare(USER, PROMPT, A, B, seed=7)
-    again = tiny_scorer.compare(USER, PROMPT, A, B, seed=7)
+    first = tiny_scorer.compare(ALICE, PROMPT, A, B, seed=7)
+    again = tiny_scorer.compare(ALICE, PROMPT, A, B, seed=7)
     assert first.model_dump(exclude={"timing"}) == again.model_dump(exclude={"timing"})
-    other = tiny_scorer.compare(USER, PROMPT, A, B, seed=8)
+    other = tiny_scorer.compare(ALICE, PROMPT, A, B, seed=8)
     assert [c.raw for c in other.chains] != [c.raw for c in first.chains]
     assert other.seed == 8
 
 
 def test_samples_within_a_call_differ(tiny_scorer):
-    res = tiny_scorer.compare(USER, PROMPT, A, B, seed=3)
+    res = tiny_scorer.compare(ALICE, PROMPT, A, B, seed=3)
     assert len({c.raw for c in res.chains}) == 3
 
 
 def test_threads_give_the_same_results_as_sequential_calls(tiny_scorer):
     seeds = list(range(6))
-    sequential = {s: tiny_scorer.compare(USER, PROMPT, A, B, seed=s) for s in seeds}
+    sequential = {s: tiny_scorer.compare(ALICE, PROMPT, A, B, seed=s) for s in seeds}
     threaded: dict[int, CompareResult] = {}
     errors: list[BaseException] = []
 
     def work(seed: int) -> None:
         try:
-            threaded[seed] = tiny_scorer.compare(USER, PROMPT, A, B, seed=seed)
+            threaded[seed] = tiny_scorer.compare(ALICE, PROMPT, A, B, seed=seed)
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
@@ -91,73 +78,17 @@ def test_threads_give_the_same_results_as_sequential_calls(tiny_scorer):
         assert threaded[s].model_dump(exclude={"timing"}) == sequential[s].model_dump(exclude={"timing"})
 
 
-def test_score_two_and_many_responses(tiny_scorer):
-    two = tiny_scorer.score(USER, PROMPT, [A, B])
-    res = tiny_scorer.compare(USER, PROMPT, A, B)
-    assert two == [res.score_a, res.score_b]
-    three = tiny_scorer.score(USER, PROMPT, [A, B, "No idea."])
-    assert len(three) == 3 and all(0 <= x <= 10 for x in three)
-    with pytest.raises(ConfigError, match="2 to 16"):
-        tiny_scorer.score(USER, PROMPT, [A])
-
-
-def test_unconstrained_failures_are_counted_not_hidden(tiny_gguf):
-    with Scorer.from_gguf(tiny_gguf, n_samples=2, constrained=False, n_ctx=2048, **FAST) as scorer:
-        res = scorer.compare(USER, PROMPT, A, B)
-    # A random model does not write the contract by itself: every sample fails, visibly.
-    assert res.n_failed == 2 and res.n_parsed == 0
-    assert res.preferred is None and res.score_a is None
-    assert all(s.error for s in res.samples)
-
-
-def test_long_history_is_fitted_to_the_context_and_recorded(tiny_gguf):
-    long = "word " * 600
-    user = UserProfile(user_id="long", history=[Preference(prompt=long, chosen=long, rejected=long)
-                                                for _ in range(3)])
-    with Scorer.from_gguf(tiny_gguf, n_samples=1, n_ctx=3000, **FAST) as scorer:
-        res = scorer.compare(user, PROMPT, A, B)
-    assert res.history_shown == 1
-    assert any("history pairs" in p for p in res.context_policy)
-    assert any("shortened" in p for p in res.context_policy)
-    assert res.n_parsed == 1
-
-
-def test_prompt_over_the_context_window_is_a_typed_error(tiny_gguf):
-    with Scorer.from_gguf(tiny_gguf, n_samples=1, n_ctx=512, **FAST) as scorer:
-        with pytest.raises(ContextOverflowError, match="larger n_ctx") as info:
-            scorer.compare(USER, PROMPT, A, B)
-    assert info.value.n_ctx == 512 and info.value.max_tokens == 400
-    assert info.value.n_prompt_tokens > 512 - 400
-
-
 def test_samples_that_do_not_fit_together_run_in_groups(tiny_gguf):
     with Scorer.from_gguf(tiny_gguf, n_samples=6, n_ctx=2048, **FAST) as scorer:
-        res = scorer.compare(USER, PROMPT, A, B)
+        res = scorer.compare(ALICE, PROMPT, A, B)
     assert res.timing.n_groups > 1
     assert any("groups" in n for n in res.notes)
     assert res.n_parsed == 6
 
 
-@pytest.mark.parametrize("kwargs, fragment", [
-    (dict(n_samples=0), "at least one"),
-    (dict(n_samples=1, n_neighbors=2), "prototype index"),
-    (dict(n_samples=1, c_self=-1.0), "weights"),
-    (dict(n_samples=1, history_pairs=-1), "history_pairs"),
-    (dict(n_samples=1, device="tpu"), "device"),
-    (dict(n_samples=1, max_tokens=50), "too small for the output grammar"),
-])
-def test_bad_configuration_is_a_config_error(tiny_gguf, kwargs, fragment):
-    with pytest.raises(ConfigError, match=fragment):
-        Scorer.from_gguf(tiny_gguf, **{**FAST, **kwargs})
-
-
-def test_bad_call_arguments_are_config_errors(tiny_scorer):
-    with pytest.raises(ConfigError, match="UserProfile"):
-        tiny_scorer.compare({"user_id": "x"}, PROMPT, A, B)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="must be a string"):
-        tiny_scorer.compare(USER, PROMPT, A, None)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="limit"):
-        tiny_scorer.compare(USER, PROMPT, A, "x" * 300_000)
+def test_an_unknown_device_is_a_config_error(tiny_gguf):
+    with pytest.raises(ConfigError, match="device"):
+        Scorer.from_gguf(tiny_gguf, n_samples=1, device="tpu", **FAST)
 
 
 def test_not_a_gguf_file_is_refused_before_llama_cpp(tmp_path):
@@ -167,9 +98,111 @@ def test_not_a_gguf_file_is_refused_before_llama_cpp(tmp_path):
         Scorer.from_gguf(bad)
 
 
-def test_user_without_history_still_scores(tiny_scorer):
-    res = tiny_scorer.compare(UserProfile(user_id="new"), PROMPT, A, B)
-    assert res.history_shown == 0 and res.n_parsed == 3
+# -- the Scorer's own logic, on the FakeEngine -------------------------------------------
+
+def test_chains_are_averaged_and_mapped_back_to_the_candidates(fake_engine, fake_gguf):
+    fake_engine.queue = [chain_text(8, 6), chain_text(7, 3), chain_text(2, 9)]  # Response 1 / 2 as shown
+    with Scorer.from_gguf(fake_gguf, n_samples=3, n_ctx=4096, **FAST) as scorer:
+        res = scorer.compare(ALICE, PROMPT, A, B, seed=4)
+    shown = [(8, 6), (7, 3), (2, 9)]
+    assert [s.chain.final_scores for s in res.samples] == shown
+    for s, (s1, s2) in zip(res.samples, shown):
+        assert (s.score_a, s.score_b) == ((s2, s1) if s.swapped else (s1, s2))
+    assert res.score_a == pytest.approx(sum(s.score_a for s in res.samples) / 3)
+    assert res.score_b == pytest.approx(sum(s.score_b for s in res.samples) / 3)
+    assert res.preferred == ("a" if res.score_a > res.score_b else "b")
+    assert res.n_parsed == 3 and res.n_failed == 0 and len(res.chains) == 3
+
+
+def test_seeds_and_counts_are_recorded_and_reach_the_engine(fake_engine, fake_gguf):
+    with Scorer.from_gguf(fake_gguf, n_samples=4, n_ctx=4096, **FAST) as scorer:
+        res = scorer.compare(ALICE, PROMPT, A, B, seed=11)
+        requests, params = scorer.engine.calls[-1]
+    assert (res.seed, res.n_samples, res.n_neighbors) == (11, 4, 0) and len(res.samples) == 4
+    sample_seeds = [s.seed for s in res.samples]
+    assert len(set(sample_seeds)) == 4  # each chain is drawn with its own seed ...
+    assert sorted(sample_seeds) == sorted(seed for r in requests for seed in r.seeds)  # ... the one decoded
+    assert params.max_tokens == FAST["max_tokens"] and params.grammar
+    assert CompareResult.from_json(res.to_json()) == res
+
+
+def test_score_two_and_many_responses(fake_scorer):
+    two = fake_scorer.score(ALICE, PROMPT, [A, B])
+    res = fake_scorer.compare(ALICE, PROMPT, A, B)
+    assert two == [res.score_a, res.score_b]
+    three = fake_scorer.score(ALICE, PROMPT, [A, B, "No idea."])
+    assert len(three) == 3 and all(0 <= x <= 10 for x in three)
+    with pytest.raises(ConfigError, match="2 to 16"):
+        fake_scorer.score(ALICE, PROMPT, [A])
+
+
+def test_unconstrained_failures_are_counted_not_hidden(fake_engine, fake_gguf):
+    fake_engine.queue = ["Response 1 is better. No JSON here."]
+    with Scorer.from_gguf(fake_gguf, n_samples=2, constrained=False, n_ctx=2048, **FAST) as scorer:
+        res = scorer.compare(ALICE, PROMPT, A, B)
+        assert scorer.engine.calls[-1][1].grammar is None  # unconstrained: no grammar reached the engine
+    assert res.n_failed == 2 and res.n_parsed == 0
+    assert res.preferred is None and res.score_a is None
+    assert all(s.error for s in res.samples)
+
+
+def test_one_failed_chain_of_two_is_counted_and_the_other_scores(fake_engine, fake_gguf):
+    fake_engine.queue = [chain_text(9, 2), "no chain at all"]
+    with Scorer.from_gguf(fake_gguf, n_samples=2, n_ctx=4096, candidate_order="item", **FAST) as scorer:
+        res = scorer.compare(ALICE, PROMPT, A, B)
+    assert (res.n_parsed, res.n_failed) == (1, 1) and len(res.chains) == 1
+    ok = next(s for s in res.samples if s.error is None)
+    assert (res.score_a, res.score_b) == (ok.score_a, ok.score_b)
+
+
+def test_long_history_is_fitted_to_the_context_and_recorded(fake_engine, fake_gguf):
+    long = "word " * 600
+    user = UserProfile(user_id="long", history=[Preference(prompt=long, chosen=long, rejected=long)
+                                                for _ in range(3)])
+    with Scorer.from_gguf(fake_gguf, n_samples=1, n_ctx=2000, **FAST) as scorer:
+        res = scorer.compare(user, PROMPT, A, B)
+        requests, _ = scorer.engine.calls[-1]
+    longest = max(len(r.tokens) for r in requests)
+    assert res.history_shown == 1
+    assert any("history pairs" in p for p in res.context_policy)
+    assert any("shortened" in p for p in res.context_policy)
+    assert longest <= 2000 - FAST["max_tokens"]  # what was decoded fits beside the chain
+    assert res.n_parsed == 1
+
+
+def test_prompt_over_the_context_window_is_a_typed_error(fake_engine, fake_gguf):
+    with Scorer.from_gguf(fake_gguf, n_samples=1, n_ctx=512, **FAST) as scorer:
+        with pytest.raises(ContextOverflowError, match="larger n_ctx") as info:
+            scorer.compare(ALICE, PROMPT, A, B)
+        assert scorer.engine.calls == []  # refused before any generation
+    assert info.value.n_ctx == 512 and info.value.max_tokens == 400
+    assert info.value.n_prompt_tokens > 512 - 400
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(n_samples=0), "at least one"),
+    (dict(n_samples=1, n_neighbors=2), "prototype index"),
+    (dict(n_samples=1, c_self=-1.0), "weights"),
+    (dict(n_samples=1, history_pairs=-1), "history_pairs"),
+    (dict(n_samples=1, max_tokens=50), "too small for the output grammar"),
+])
+def test_bad_configuration_is_a_config_error(fake_engine, fake_gguf, kwargs, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        Scorer.from_gguf(fake_gguf, **{**FAST, **kwargs})
+
+
+def test_bad_call_arguments_are_config_errors(fake_scorer):
+    with pytest.raises(ConfigError, match="UserProfile"):
+        fake_scorer.compare({"user_id": "x"}, PROMPT, A, B)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="must be a string"):
+        fake_scorer.compare(ALICE, PROMPT, A, None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="limit"):
+        fake_scorer.compare(ALICE, PROMPT, A, "x" * 300_000)
+
+
+def test_user_without_history_still_scores(fake_scorer):
+    res = fake_scorer.compare(UserProfile(user_id="new"), PROMPT, A, B)
+    assert res.history_shown == 0 and res.n_parsed == 1
 
 
 # -- the real model ---------------------------------------------------------------------

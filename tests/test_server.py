@@ -1,8 +1,11 @@
-"""The OpenRLHF-compatible reward server over real HTTP on 127.0.0.1, with the tiny model.
+"""The OpenRLHF-compatible reward server over real HTTP on 127.0.0.1.
 
 The requests are the ones OpenRLHF's clients send: the current single-turn executor
 (`openrlhf/utils/agent.py`, aiohttp, one rollout per request) and the older batched
-`openrlhf/utils/remote_rm_utils.py` (requests, a whole batch per request).
+`openrlhf/utils/remote_rm_utils.py` (requests, a whole batch per request). The protocol tests
+score on the FakeEngine (chains drawn from the prompt, so a reward for the wrong user, prompt or
+response would differ from the direct call); the full queue and the CLI's server use the tiny
+model, whose calls take long enough to queue.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI, require
+from conftest import ALICE, BOB, IN_CI, require
 
 if importlib.util.find_spec("starlette") is None or importlib.util.find_spec("uvicorn") is None:
     if IN_CI:
@@ -29,19 +32,11 @@ if importlib.util.find_spec("starlette") is None or importlib.util.find_spec("uv
 
 import requests  # noqa: E402
 
-from pgenrm_lite import Preference, Scorer, UserProfile  # noqa: E402
+from pgenrm_lite import UserProfile  # noqa: E402
 from pgenrm_lite.integrations.server import DEFAULT_REFERENCE, create_app, judged_query, response_of  # noqa: E402
 
-FAST = dict(max_tokens=400, analysis_chars=(10, 120), max_criteria=2, n_threads=1)
 TIMEOUT = 120  # seconds, for every HTTP call
 
-ALICE = UserProfile(user_id="alice", history=[
-    Preference(prompt="How do I sort a list in Python?", chosen="Use sorted(items).",
-               rejected="Sorting is a fundamental concept with a long history."),
-])
-BOB = UserProfile(user_id="bob", history=[
-    Preference(prompt="Name a colour", chosen="Teal.", rejected="I cannot answer."),
-])
 QUESTION = "How do I reverse a string in Python?"
 # The tiny model's chat template is ChatML: this is the prompt OpenRLHF renders with
 # apply_chat_template, and the query is prompt + response as its tokenizer decodes them.
@@ -50,12 +45,6 @@ PROMPT = f"<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
 
 def query(response: str, prompt: str = PROMPT) -> str:
     return prompt + response + "<|im_end|>"
-
-
-@pytest.fixture(scope="module")
-def scorer(tiny_gguf):
-    with Scorer.from_gguf(tiny_gguf, n_samples=1, n_ctx=4096, **FAST) as s:
-        yield s
 
 
 @contextlib.contextmanager
@@ -84,8 +73,8 @@ def running(app):
 
 
 @pytest.fixture(scope="module")
-def url(scorer):
-    app = create_app(scorer, {"alice": ALICE, "bob": BOB}, queue_size=8, max_body_bytes=256 * 1024)
+def url(fake_scorer):
+    app = create_app(fake_scorer, {"alice": ALICE, "bob": BOB}, queue_size=8, max_body_bytes=256 * 1024)
     with running(app) as base:
         yield base
 
@@ -124,13 +113,13 @@ def openrlhf_legacy_request(url: str, queries, prompts, labels):
     return response.json()
 
 
-def test_current_openrlhf_client_one_rollout_per_request(url, scorer):
+def test_current_openrlhf_client_one_rollout_per_request(url, fake_scorer):
     require(importlib.util.find_spec("aiohttp") is not None, "aiohttp (OpenRLHF's HTTP client) is not installed")
     out = openrlhf_agent_request(f"{url}/get_reward", [query("Use s[::-1].")], [PROMPT], ["alice"])
     assert set(out) >= {"rewards", "scores", "extra_logs"}
     (reward,) = out["rewards"]
     # alone in its request: compared with the server's reference response
-    expected = scorer.score(ALICE, QUESTION, ["Use s[::-1].", DEFAULT_REFERENCE])[0]
+    expected = fake_scorer.score(ALICE, QUESTION, ["Use s[::-1].", DEFAULT_REFERENCE])[0]
     assert reward == pytest.approx(expected) and 0 <= reward <= 10
     assert out["scores"] == [pytest.approx(reward / 10)]
     # every extra_logs value is a numeric list, one per rollout (OpenRLHF makes tensors of them)
@@ -142,7 +131,7 @@ def test_current_openrlhf_client_one_rollout_per_request(url, scorer):
     assert item["scheme"] == "reference" and item["reference_source"] == "server" and item["personalised"]
 
 
-def test_legacy_batched_client_groups_same_prompt_and_flags_unknown_users(url, scorer):
+def test_legacy_batched_client_groups_same_prompt_and_flags_unknown_users(url, fake_scorer):
     other = "<|im_start|>user\nName a colour<|im_end|>\n<|im_start|>assistant\n"
     queries = [query("Use s[::-1]."), query("Strings are sequences of characters."), query("Teal.", other),
                query("Use reversed(s).")]
@@ -150,21 +139,21 @@ def test_legacy_batched_client_groups_same_prompt_and_flags_unknown_users(url, s
     labels = ["alice", "alice", "bob", "carol"]
     out = openrlhf_legacy_request(f"{url}/get_reward", queries, prompts, labels)
     assert len(out["rewards"]) == len(out["scores"]) == 4
-    group = scorer.score(ALICE, QUESTION, ["Use s[::-1].", "Strings are sequences of characters."])
+    group = fake_scorer.score(ALICE, QUESTION, ["Use s[::-1].", "Strings are sequences of characters."])
     assert out["rewards"][:2] == pytest.approx(group)
     assert out["extra_logs"]["pgenrm_grouped"] == [1.0, 1.0, 0.0, 0.0]
     assert out["extra_logs"]["pgenrm_group_size"] == [2.0, 2.0, 1.0, 1.0]
     assert out["extra_logs"]["pgenrm_fallback"] == [0.0, 0.0, 0.0, 1.0]
     assert out["pgenrm"]["unknown_users"] == ["carol"]
-    carol = scorer.score(UserProfile(user_id="carol"), QUESTION, ["Use reversed(s).", DEFAULT_REFERENCE])[0]
+    carol = fake_scorer.score(UserProfile(user_id="carol"), QUESTION, ["Use reversed(s).", DEFAULT_REFERENCE])[0]
     assert out["rewards"][3] == pytest.approx(carol)
     assert "group" in out["pgenrm"]["scheme"] and "reference" in out["pgenrm"]["scheme"]
 
 
-def test_label_object_carries_user_and_reference(url, scorer):
+def test_label_object_carries_user_and_reference(url, fake_scorer):
     label = json.dumps({"user_id": "bob", "reference": "Blue."})
     out = openrlhf_legacy_request(f"{url}/get_reward", [query("Teal.")], [PROMPT], [label])
-    assert out["rewards"][0] == pytest.approx(scorer.score(BOB, QUESTION, ["Teal.", "Blue."])[0])
+    assert out["rewards"][0] == pytest.approx(fake_scorer.score(BOB, QUESTION, ["Teal.", "Blue."])[0])
     assert out["pgenrm"]["items"][0]["reference_source"] == "label"
     # no labels at all: everyone is the non-personalised judge
     out = requests.post(f"{url}/get_reward", json={"query": [query("x")], "prompts": [PROMPT]}, timeout=TIMEOUT).json()
@@ -286,8 +275,8 @@ TOKEN = "t0ken-for-tests-0123456789"
 
 
 @pytest.fixture(scope="module")
-def guarded_url(scorer):
-    app = create_app(scorer, {"alice": ALICE}, queue_size=4, max_body_bytes=64 * 1024, token=TOKEN)
+def guarded_url(fake_scorer):
+    app = create_app(fake_scorer, {"alice": ALICE}, queue_size=4, max_body_bytes=64 * 1024, token=TOKEN)
     with running(app) as base:
         yield base
 

@@ -10,7 +10,8 @@ import pytest
 pytest.importorskip("starlette")  # test_server.py fails instead under CI when the extra is missing
 import requests  # noqa: E402
 
-from test_server import ALICE, PROMPT, QUESTION, query, running  # noqa: E402
+from conftest import ALICE  # noqa: E402
+from test_server import PROMPT, QUESTION, query, running  # noqa: E402
 
 from pgenrm_lite import Scorer  # noqa: E402
 from pgenrm_lite.integrations.server import DEFAULT_REFERENCE, create_app  # noqa: E402

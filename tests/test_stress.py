@@ -4,7 +4,8 @@
   result identical (timing aside) to the sequential run with the same seed.
 - One long prompt scored 120 times: resident memory stays flat after a warm-up.
 - Inputs above the documented limits (`MAX_TEXT_CHARS`, `MAX_HISTORY_PAIRS`) are refused
-  with a typed error by `compare`/`score`, by `UserProfile` and by the loader.
+  with a typed error by `compare`/`score`, by `UserProfile` and by the loader (the Scorer's
+  checks on a FakeEngine: they come before any model work).
 
 The chains are kept short (analysis of 5-20 characters, one criterion) so that the 800
 calls of the concurrency test take about a minute on two cores; the counts are the issue's.
@@ -17,27 +18,21 @@ import time
 
 import orjson
 import pytest
+from conftest import ALICE, PROMPT, A, B
 
 from pgenrm_lite import CompareResult, ConfigError, Preference, RecordError, Scorer, UserProfile
 from pgenrm_lite.datasets import load_rows
 from pgenrm_lite.errors import DataFormatError
 from pgenrm_lite.records import MAX_HISTORY_PAIRS, MAX_TEXT_CHARS
-from pgenrm_lite.scorer import MAX_RESPONSES
+from pgenrm_lite.scorer import MAX_CHAINS, MAX_RESPONSES
 
 N_THREADS, CALLS_PER_THREAD = 8, 50
+# Shorter chains than conftest's FAST: the concurrency test makes 800 calls.
 SHORT = dict(max_tokens=400, analysis_chars=(5, 20), max_criteria=1, n_threads=1)
-
-USER = UserProfile(user_id="alice", history=[
-    Preference(prompt="How do I sort a list in Python?", chosen="Use sorted(items).",
-               rejected="Sorting is a fundamental concept with a long history."),
-    Preference(prompt="Name a colour", chosen="Teal.", rejected="I cannot answer."),
-])
-PROMPT = "How do I reverse a string in Python?"
-A, B = "Use s[::-1].", "Strings are sequences of characters and reversing is an interesting topic."
 
 
 @pytest.fixture(scope="module")
-def scorer(tiny_gguf):
+def short_scorer(tiny_gguf):
     with Scorer.from_gguf(tiny_gguf, n_samples=1, n_ctx=2048, **SHORT) as s:
         yield s
 
@@ -46,7 +41,7 @@ def _key(res: CompareResult) -> dict:
     return res.model_dump(exclude={"timing"})
 
 
-def test_threads_hammering_one_scorer_match_the_sequential_run(scorer):
+def test_threads_hammering_one_scorer_match_the_sequential_run(short_scorer):
     seeds = [[1000 * t + i for i in range(CALLS_PER_THREAD)] for t in range(N_THREADS)]
     threaded: dict[int, CompareResult] = {}
     errors: list[BaseException] = []
@@ -56,7 +51,7 @@ def test_threads_hammering_one_scorer_match_the_sequential_run(scorer):
         try:
             start.wait(timeout=60)
             for s in my_seeds:
-                threaded[s] = scorer.compare(USER, PROMPT, A, B, seed=s)
+                threaded[s] = short_scorer.compare(ALICE, PROMPT, A, B, seed=s)
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
@@ -73,7 +68,7 @@ def test_threads_hammering_one_scorer_match_the_sequential_run(scorer):
 
     t0 = time.perf_counter()
     for s in (s for group in seeds for s in group):
-        expected = scorer.compare(USER, PROMPT, A, B, seed=s)
+        expected = short_scorer.compare(ALICE, PROMPT, A, B, seed=s)
         assert _key(threaded[s]) == _key(expected), f"seed {s}: threaded result differs from sequential"
     sequential_s = time.perf_counter() - t0
     # Calls are serialised: threads gain nothing, and must not lose much either.
@@ -96,7 +91,7 @@ def test_memory_stays_bounded_on_a_repeated_long_prompt(tiny_gguf):
     with Scorer.from_gguf(tiny_gguf, n_samples=1, n_ctx=8192, **SHORT) as s:
         samples = []
         for i in range(120):
-            res = s.compare(USER, long_prompt, A, B, seed=i)
+            res = s.compare(ALICE, long_prompt, A, B, seed=i)
             assert res.n_parsed + res.n_failed == 1
             assert not res.context_policy  # the whole prompt fits: the long text really is evaluated
             # evaluated, or (the system message, after the first call) restored from the prefix cache
@@ -115,30 +110,39 @@ BIG = "x" * (MAX_TEXT_CHARS + 1)
 
 
 @pytest.mark.parametrize("field", ["prompt", "response_a", "response_b"])
-def test_compare_refuses_texts_above_the_limit(scorer, field):
+def test_compare_refuses_texts_above_the_limit(fake_scorer, field):
     args = {"prompt": PROMPT, "response_a": A, "response_b": B, field: BIG}
     with pytest.raises(ConfigError, match=rf"{field} has {MAX_TEXT_CHARS + 1} characters; the limit is {MAX_TEXT_CHARS}"):
-        scorer.compare(USER, **args)
+        fake_scorer.compare(ALICE, **args)
 
 
-def test_compare_refuses_non_text_and_broken_unicode(scorer):
+def test_compare_refuses_non_text_and_broken_unicode(fake_scorer):
     with pytest.raises(ConfigError, match="response_a must be a string"):
-        scorer.compare(USER, PROMPT, b"bytes", B)
+        fake_scorer.compare(ALICE, PROMPT, b"bytes", B)
     with pytest.raises(ConfigError, match="prompt is not valid Unicode"):
-        scorer.compare(USER, "half a pair \ud83d", A, B)
+        fake_scorer.compare(ALICE, "half a pair \ud83d", A, B)
     with pytest.raises(ConfigError, match="UserProfile"):
-        scorer.compare({"user_id": "alice"}, PROMPT, A, B)
+        fake_scorer.compare({"user_id": "alice"}, PROMPT, A, B)
 
 
-def test_score_refuses_too_many_or_too_long_responses(scorer):
+def test_chain_counts_above_the_limit_are_refused_before_any_work(fake_engine, fake_gguf, fake_bundle):
+    for kwargs in ({"n_samples": MAX_CHAINS + 1}, {"n_samples": 2 ** 64}):
+        with pytest.raises(ConfigError, match=f"at most {MAX_CHAINS}"):
+            Scorer.from_gguf(fake_gguf, **kwargs)
+    with pytest.raises(ConfigError, match=f"at most {MAX_CHAINS}"):
+        Scorer.from_bundle(fake_bundle, n_samples=1, n_neighbors=2 ** 64)
+    assert fake_engine.last is None
+
+
+def test_score_refuses_too_many_or_too_long_responses(fake_scorer):
     with pytest.raises(ConfigError, match=f"2 to {MAX_RESPONSES} responses"):
-        scorer.score(USER, PROMPT, ["r"] * (MAX_RESPONSES + 1))
+        fake_scorer.score(ALICE, PROMPT, ["r"] * (MAX_RESPONSES + 1))
     with pytest.raises(ConfigError, match=r"responses\[1\] has"):
-        scorer.score(USER, PROMPT, [A, BIG])
+        fake_scorer.score(ALICE, PROMPT, [A, BIG])
 
 
-def test_text_just_under_the_limit_is_shortened_to_fit_not_refused(scorer):
-    res = scorer.compare(USER, PROMPT, "y" * MAX_TEXT_CHARS, B, seed=1)
+def test_text_just_under_the_limit_is_shortened_to_fit_not_refused(fake_scorer):
+    res = fake_scorer.compare(ALICE, PROMPT, "y" * MAX_TEXT_CHARS, B, seed=1)
     assert res.n_parsed + res.n_failed == 1
     assert any("shortened" in p for p in res.context_policy)
 
