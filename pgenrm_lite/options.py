@@ -109,7 +109,7 @@ class ScorerOptions(BaseModel):
                          "files go first", manifest=False, in_result=False, metavar="MB")
 
     def __init__(self, /, **data: Any):
-        # Python arguments get the same typed error as any other source.
+        # Python arguments get the typed error of the library, with the option named.
         try:
             super().__init__(**data)
         except ValidationError as exc:
@@ -152,8 +152,8 @@ class ScorerOptions(BaseModel):
         for name, value in known.items():
             problem = field_problem(name, value)
             if problem:
-                raise BundleError(f"the manifest's recommended option {name!r} is invalid ({problem}); "
-                                  "fix the bundle's manifest 'defaults' or rebuild the bundle")
+                raise BundleError(f"the manifest's recommended option {name!r} is invalid: {problem}. Fix the "
+                                  "bundle's manifest 'defaults' or rebuild the bundle")
         return {name: _field_adapter(name).validate_python(value) for name, value in known.items()}
 
     # -- use -------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def _flag_type(name: str, bare: Any):
             else:
                 value = text
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {_type_word(bare)}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {_type_word(bare)}") from None
         problem = field_problem(name, value)
         if problem:
             raise argparse.ArgumentTypeError(problem)
@@ -256,8 +256,8 @@ def _flag_type(name: str, bare: Any):
 
 def _type_word(bare: Any) -> str:
     if get_origin(bare) is tuple:
-        return "pair MIN,MAX of integers"
-    return {int: "integer", float: "finite number"}.get(bare, "text")
+        return "a pair MIN,MAX of integers"
+    return {int: "an integer", float: "a finite number"}.get(bare, "text")
 
 
 def add_option_flags(parser: Any, *, names=None, exclude=()) -> None:

@@ -103,7 +103,7 @@ def test_every_option_is_a_flag_parsed_and_validated_by_the_model(capsys):
     for argv, fragment in ((["--seed", str(2 ** 64)], "seed must be an integer"),
                            (["--temperature", "-1"], "temperature: Input should be greater than or equal to 0"),
                            (["--analysis-chars", "20"], "analysis_chars"),
-                           (["--max-tokens", "x"], "'x' is not a integer")):
+                           (["--max-tokens", "x"], "'x' is not an integer")):
         with pytest.raises(SystemExit) as info:
             parser.parse_args(argv)
         assert info.value.code == 2 and fragment in capsys.readouterr().err
@@ -159,3 +159,16 @@ def test_same_options_as_a_model_or_as_keywords_give_the_same_result(fake_engine
     assert by_keywords.model_dump(exclude={"timing"}) == by_model.model_dump(exclude={"timing"})
     with pytest.raises(ConfigError, match="unknown option 'n_sampels'"):
         Scorer(fake_engine("m"), n_sampels=3)
+
+
+def test_two_batches_statistics_sum_into_a_new_record():
+    from pgenrm_lite.engine import GenerationStats
+    from pgenrm_lite.result_assembly import combine_stats
+
+    first = GenerationStats(prompt_s=1.0, n_prompt_tokens=10, n_groups=1, notes=["a"], cache_hits=1)
+    second = GenerationStats(prompt_s=0.5, n_prompt_tokens=5, n_groups=1, notes=["b"], cache_misses=2)
+    total = combine_stats(first, second)
+    assert (total.prompt_s, total.n_prompt_tokens, total.n_groups, total.notes, total.cache_hits,
+            total.cache_misses) == (1.5, 15, 2, ["a", "b"], 1, 2)
+    assert first.notes == ["a"] and first.n_prompt_tokens == 10  # neither argument changed
+    assert combine_stats(None, second) is second and combine_stats(first, None) is first
