@@ -167,7 +167,7 @@ class ScorerOptions(BaseModel):
 
     def for_result(self, seed: int) -> dict[str, Any]:
         """What a result records: the options that can change its numbers, with the call's seed."""
-        data = self.model_dump(mode="json", include=RESULT_OPTIONS)
+        data = self.model_dump(mode="json", include=set(RESULT_OPTIONS))
         data["seed"] = seed
         return data
 
@@ -185,7 +185,7 @@ def _field_adapter(name: str) -> TypeAdapter:
     """Validates one field by itself (its type, bounds and validators; not the cross-field checks)."""
     if name not in _ADAPTERS:
         info = ScorerOptions.model_fields[name]
-        annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        annotation: Any = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
         _ADAPTERS[name] = TypeAdapter(annotation)
     return _ADAPTERS[name]
 

@@ -8,13 +8,14 @@ was cut is recorded, so a result says how its prompts differ from the full ones.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 from . import protocol
 from .errors import ContextOverflowError
 from .records import UserProfile
 
 SHORTEN_STEPS = (4000, 2000, 1000, 500, 250)
+HistoryOrder = Literal["original", "sampled"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class PreparedPrompts:
 
 
 def fit_prompts(engine, template: protocol.Template, owner: UserProfile, prompt: str, first: str, second: str, *,
-                seed: int, history_pairs: int, history_order: str, max_tokens: int) -> PreparedPrompts:
+                seed: int, history_pairs: int, history_order: HistoryOrder, max_tokens: int) -> PreparedPrompts:
     """Render both candidate orders with `owner`'s history, cutting (see the module) until the longer
     prompt leaves `max_tokens` of the engine's per-sequence context; else a ContextOverflowError."""
     budget = engine.n_ctx_seq - max_tokens

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 from . import group_rewards, protocol, scaling
 from .engine import GenerationStats
@@ -52,7 +52,8 @@ def assemble_result(pair: Pair, drawn: Sequence[tuple[SampleJob, SampleOutput]],
     own_prompts = call.prompts.get(PromptKey(None, pair))
     n_parsed = sum(1 for sample in samples if sample.chain is not None)
     return CompareResult(
-        preferred=preferred, abstained=abstained, confidence=confidence, score_a=score_a, score_b=score_b,
+        preferred=preferred, abstained=abstained, confidence=confidence,  # type: ignore[arg-type]
+        score_a=score_a, score_b=score_b,
         chains=[sample.chain for sample in samples if sample.chain is not None], samples=samples, n_parsed=n_parsed,
         n_failed=len(samples) - n_parsed, seed=call.seed, n_samples=options.n_samples,
         n_neighbors=options.n_neighbors, c_self=options.c_self, c_nb=options.c_nb,
@@ -68,7 +69,8 @@ def assemble_result(pair: Pair, drawn: Sequence[tuple[SampleJob, SampleOutput]],
 
 def _sample(job: SampleJob, output: SampleOutput) -> Sample:
     """A sample's record; its scores are for (A, B), read from the digits where asked and available."""
-    scores, readout = None, "sampled"
+    scores: Optional[tuple[float, float]] = None
+    readout: Literal["sampled", "expected"] = "sampled"
     if output.chain is not None:
         if output.expected_scores is not None:
             shown = output.expected_scores

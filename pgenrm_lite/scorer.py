@@ -287,7 +287,7 @@ class Scorer:
     def _prepare(self, owner: UserProfile, prompt: str, first: str, second: str, seed: int) -> PreparedPrompts:
         """Render both candidate orders for one history owner, fitting the context window."""
         return fit_prompts(self.engine, self.template, owner, prompt, first, second, seed=seed,
-                           history_pairs=self.options.history_pairs, history_order=self.options.history_order,  # type: ignore[arg-type]
+                           history_pairs=self.options.history_pairs, history_order=self.options.history_order,  # type: ignore[arg-type]  # resolved: not None
                            max_tokens=self.params.max_tokens)
 
 
