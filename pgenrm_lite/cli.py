@@ -77,7 +77,7 @@ def _bundle_contract(args):
     return resolve_template(read_manifest(path).template).output_contract
 
 
-def _open_scorer(args, **overrides):
+def _open_scorer(args):
     from .errors import BundleError
     from .scorer import Scorer
 
@@ -85,9 +85,8 @@ def _open_scorer(args, **overrides):
     if not is_bundle_dir(path) and not args.bundle:
         raise BundleError(f"no default bundle at {path}; build it with `python -m export default-bundle` "
                           "or pass --bundle DIR")
-    options = {**options_from_flags(args), **overrides}
-    return Scorer.from_bundle(path, device=args.device, n_threads=args.threads, chat_template=args.chat_template,
-                              **options)
+    return Scorer.from_bundle(path, options_from_flags(args), device=args.device, n_threads=args.threads,
+                              chat_template=args.chat_template)
 
 
 MAX_USER_FILE_BYTES = 256 << 20

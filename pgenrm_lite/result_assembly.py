@@ -141,8 +141,8 @@ def confidence_of(samples: Sequence[Sample], *, with_prototype: bool) -> Confide
     """Per-level confidence from the parsed samples' scores and the order each saw."""
     def level(*kinds: str) -> LevelConfidence:
         return LevelConfidence(**scaling.level_confidence(
-            [((s.score_a, s.score_b), s.swapped) for s in samples
-             if s.kind in kinds and s.score_a is not None and s.score_b is not None]))
+            [((sample.score_a, sample.score_b), sample.swapped) for sample in samples
+             if sample.kind in kinds and sample.score_a is not None and sample.score_b is not None]))
 
     return Confidence(overall=level("self", "neighbor"), individual=level("self"),
                       prototype=level("neighbor") if with_prototype else None)
@@ -159,19 +159,26 @@ def combine_stats(first: Optional[GenerationStats], second: Optional[GenerationS
 def assemble_group(pairs: Sequence[Pair], results: Sequence[CompareResult], n_responses: int, *,
                    method: GroupMethod, prior_sd: float, options: ScorerOptions, seed: int) -> GroupScores:
     """One reward per response from its pairs' results (see `group_rewards`)."""
-    shares = [group_rewards.win_share([(s.score_a, s.score_b, s.kind == "neighbor") for s in r.samples
-                                       if s.score_a is not None and s.score_b is not None],
-                                      c_self=options.c_self, c_nb=options.c_nb) for r in results]
+    shares = [_win_share(result, options) for result in results]
     if method == "mean":
         rewards, stderr = group_rewards.mean_rewards(
-            n_responses, [(i, j, r.score_a, r.score_b) for (i, j), r in zip(pairs, results)
-                          if r.score_a is not None and r.score_b is not None])
+            n_responses, [(i, j, result.score_a, result.score_b) for (i, j), result in zip(pairs, results)
+                          if result.score_a is not None and result.score_b is not None])
     else:
         rewards, stderr = group_rewards.bradley_terry(
-            n_responses, [(i, j, y) for (i, j), y in zip(pairs, shares) if y is not None], prior_sd=prior_sd)
+            n_responses, [(i, j, share) for (i, j), share in zip(pairs, shares) if share is not None],
+            prior_sd=prior_sd)
     return GroupScores(rewards=rewards, stderr=stderr, method=method,
                        prior_sd=prior_sd if method == "bradley_terry" else None, pairs=list(pairs),
                        win_share=shares, comparisons=list(results),
-                       n_pairs_parsed=sum(r.score_a is not None for r in results), seed=seed,
+                       n_pairs_parsed=sum(result.score_a is not None for result in results), seed=seed,
                        n_samples=options.n_samples, n_neighbors=options.n_neighbors,
                        options=options.for_result(seed))
+
+
+def _win_share(result: CompareResult, options: ScorerOptions) -> Optional[float]:
+    """The weighted share of a pair's parsed chains preferring its first response (see `group_rewards`)."""
+    return group_rewards.win_share([(sample.score_a, sample.score_b, sample.kind == "neighbor")
+                                    for sample in result.samples
+                                    if sample.score_a is not None and sample.score_b is not None],
+                                   c_self=options.c_self, c_nb=options.c_nb)
