@@ -26,8 +26,11 @@ from .records import MAX_SEED
 
 def check_seed(seed: object) -> int:
     """The seed if a result can record it (an integer in 0..2**64-1), else a ConfigError."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+    if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer from 0 to 2**64-1 (what a result records), got {seed!r}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be an integer from 0 to 2**64-1 (what a result records); {seed} is outside "
+                          "0..2**64-1")
     return seed
 
 
