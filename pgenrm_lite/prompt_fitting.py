@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from . import protocol
+from .engine import common_prefix
 from .errors import ContextOverflowError
 from .records import UserProfile
 
@@ -27,6 +28,7 @@ class PreparedPrompts:
     history_shown: int
     policy: tuple[str, ...]  # what was cut to fit, in words
     prefix_len: int = 0  # tokens both orders share up to a control token (the system message): cacheable
+    shared_len: int = 0  # tokens both orders share (the prefix, then the user's query): evaluated once per call
 
 
 def fit_prompts(engine, template: protocol.Template, owner: UserProfile, prompt: str, first: str, second: str, *,
@@ -50,8 +52,11 @@ def fit_prompts(engine, template: protocol.Template, owner: UserProfile, prompt:
         longest = max(len(t) for t in tokens.values())
         if longest <= budget:
             policy = _policy(owner, n_pairs, len(chosen), max_chars, engine.n_ctx, max_tokens)
+            prefix_len = engine.cacheable_prefix(tokens[False], tokens[True])
+            shared = min(common_prefix(tokens[False], tokens[True]), *(len(t) - 1 for t in tokens.values()))
             return PreparedPrompts(tokens=tokens, messages=messages, history_shown=n_pairs, policy=policy,
-                                   prefix_len=engine.cacheable_prefix(tokens[False], tokens[True]))
+                                   prefix_len=prefix_len,
+                                   shared_len=shared if prefix_len and shared > prefix_len else 0)
     raise ContextOverflowError(
         f"even with {min_pairs} history pair(s) and every text shortened to {SHORTEN_STEPS[-1]} "
         f"characters the prompt takes {longest} tokens, and with max_tokens={max_tokens} "

@@ -95,14 +95,15 @@ def draw(engine, params: SamplingParams, jobs: Sequence[SampleJob], prompts: dic
         return [], None
     jobs_by_prompt: dict[tuple[int, ...], list[int]] = {}
     owner_of: dict[tuple[int, ...], str] = {}
-    prefix_len: dict[tuple[int, ...], int] = {}
+    prepared_of: dict[tuple[int, ...], PreparedPrompts] = {}
     for index, job in enumerate(jobs):
         prepared = prompts[job.prompt_key]
         tokens = prepared.tokens[job.swapped]
         jobs_by_prompt.setdefault(tokens, []).append(index)
         owner_of[tokens] = cache_owner(job)
-        prefix_len[tokens] = prepared.prefix_len
-    requests = [Request(tokens, tuple(jobs[i].seed for i in indices), prefix_len[tokens], owner_of[tokens])
+        prepared_of[tokens] = prepared
+    requests = [Request(tokens, tuple(jobs[i].seed for i in indices), prefix_len=prepared_of[tokens].prefix_len,
+                        owner=owner_of[tokens], shared_len=prepared_of[tokens].shared_len)
                 for tokens, indices in jobs_by_prompt.items()]
     completions, stats = engine.generate(requests, params)
     outputs: list[Optional[SampleOutput]] = [None] * len(jobs)
