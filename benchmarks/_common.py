@@ -66,18 +66,19 @@ def int_pair(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def add_scorer_options(parser: argparse.ArgumentParser) -> None:
-    """Options passed through to the Scorer; left out, the bundle's recommended defaults apply."""
-    parser.add_argument("--max-tokens", type=int, default=None, help="token budget per chain (default: bundle's)")
-    parser.add_argument("--analysis-chars", type=int_pair, default=None,
-                        help="MIN,MAX characters of the free-text analysis (default: bundle's)")
-    parser.add_argument("--max-criteria", type=int, default=None, help="criteria in the JSON (default: bundle's)")
-    parser.add_argument("--history-pairs", type=int, default=None, help="history pairs shown (default: 3)")
+def add_scorer_options(parser: argparse.ArgumentParser, *, exclude: Sequence[str] = ()) -> None:
+    """One flag per option a bundle may recommend (`pgenrm_lite.options.ScorerOptions`); left out, the
+    bundle's recommended value applies. `exclude`: options the script sets itself."""
+    from pgenrm_lite.options import MANIFEST_OPTIONS, add_option_flags
+
+    add_option_flags(parser.add_argument_group("scorer options"), names=MANIFEST_OPTIONS, exclude=exclude)
 
 
 def scorer_options(args: argparse.Namespace) -> dict:
-    names = ("max_tokens", "analysis_chars", "max_criteria", "history_pairs")
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    """The scorer options given on the command line, for `Scorer.from_bundle(..., **options)`."""
+    from pgenrm_lite.options import MANIFEST_OPTIONS, options_from_flags
+
+    return {k: v for k, v in options_from_flags(args).items() if k in MANIFEST_OPTIONS}
 
 
 def add_omp_option(parser: argparse.ArgumentParser) -> None:

@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--patterns", default="a,b,c", help="which of a,b,c to run (default all; a1 / a8: one half of a)")
     ap.add_argument("--out", type=Path, default=OUT_DIR / "prefix_cache.json")
-    add_scorer_options(ap)
+    add_scorer_options(ap, exclude=("prefix_cache_mb",))  # the benchmark switches it
     add_omp_option(ap)
     args = ap.parse_args(argv)
     omp = apply_omp_policy(args.omp_wait_policy)

@@ -126,7 +126,7 @@ def parse_args(argv):
                         "set where a weak model has a preference to find)")
     p.add_argument("--quick", action="store_true", help="2 pairs, 4 chains (a smoke run)")
     p.add_argument("--out-dir", type=Path, default=OUT_DIR)
-    add_scorer_options(p)
+    add_scorer_options(p, exclude=("expected_scores",))  # always on here
     add_omp_option(p)
     args = p.parse_args(argv)
     if args.quick:

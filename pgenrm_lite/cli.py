@@ -20,7 +20,8 @@ from ._progress import Progress
 from .bundle import is_bundle_dir
 from .errors import ConfigError, PgenrmError
 from .group_rewards import GROUP_METHODS
-from .records import MAX_SEED, MAX_TEXT_CHARS
+from .options import add_option_flags, options_from_flags
+from .records import MAX_TEXT_CHARS
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -76,7 +77,7 @@ def _bundle_contract(args):
     return resolve_template(read_manifest(path).template).output_contract
 
 
-def _open_scorer(args, **overrides):
+def _open_scorer(args):
     from .errors import BundleError
     from .scorer import Scorer
 
@@ -84,14 +85,8 @@ def _open_scorer(args, **overrides):
     if not is_bundle_dir(path) and not args.bundle:
         raise BundleError(f"no default bundle at {path}; build it with `python -m export default-bundle` "
                           "or pass --bundle DIR")
-    options: dict[str, Any] = {}
-    for name in ("max_tokens", "temperature", "expected_scores", "candidate_order", "chat_template",
-                 "min_confidence", "persona_mode", "prefix_cache_mb", "prefix_cache_dir", "prefix_cache_disk_mb"):
-        if getattr(args, name, None) is not None:
-            options[name] = getattr(args, name)
-    options.update(overrides)
-    return Scorer.from_bundle(path, n_samples=args.n_samples, n_neighbors=args.n_neighbors, seed=args.seed,
-                              device=args.device, n_threads=args.threads, **options)
+    return Scorer.from_bundle(path, options_from_flags(args), device=args.device, n_threads=args.threads,
+                              chat_template=args.chat_template)
 
 
 MAX_USER_FILE_BYTES = 256 << 20
@@ -214,7 +209,7 @@ def cmd_eval(args) -> int:
     with _open_scorer(args) as scorer:
         config = {"data": str(args.data), "format": args.format, "limit": args.limit, "pairs": len(tests),
                   "bundle": str(_bundle_path(args)), "n_samples": scorer.n_samples,
-                  "n_neighbors": scorer.n_neighbors, "seed": args.seed, "split_seed": args.split_seed,
+                  "n_neighbors": scorer.n_neighbors, "seed": scorer.seed, "split_seed": args.split_seed,
                   "max_tokens": scorer.params.max_tokens, "temperature": scorer.params.temperature,
                   "constrained": scorer.constrained, "model": scorer.engine.architecture,
                   "contract": scorer.contract.name, "candidate_order": scorer.candidate_order,
@@ -233,7 +228,7 @@ def cmd_eval(args) -> int:
             return res.preferred, res.n_parsed, res.n_failed, res.abstained
 
         with Progress(len(tests), "eval", unit="pairs") as bar:
-            report = evaluate(judge, users, tests, seed=args.seed, config=config,
+            report = evaluate(judge, users, tests, seed=scorer.seed, config=config,
                               on_result=lambda _: bar.update(1))
     if args.format == "rewardbench":
         from .integrations.rewardbench import rewardbench_score
@@ -362,18 +357,30 @@ def cmd_verify(args) -> int:
 
 
 def cmd_doctor(args) -> int:
+    info = _doctor_report(args)
+    ok = info["decode_check"].get("ok") is not False
+    if args.json:
+        _emit_json(info)
+        return 0 if ok else 1
+    for key, value in info.items():
+        _print_doctor_item(key, value, info)
+    return 0 if ok else 1
+
+
+def _package_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _doctor_report(args) -> dict:
+    """What `doctor` reports: versions, llama.cpp's build, the prefix cache, a decode check, hints."""
     import llama_cpp
     import onnxruntime
 
-    from .defaults import default_bundle_dir
-
-    def version(dist: str) -> str | None:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
     from . import diagnostics
+    from .defaults import default_bundle_dir
     from .prefix_cache import DEFAULT_DISK_MB, DEFAULT_MEMORY_MB, describe_directory
 
     system_info = diagnostics.system_info()
@@ -383,8 +390,8 @@ def cmd_doctor(args) -> int:
     info = {
         "pgenrm_lite": __version__,
         "python": sys.version.split()[0],
-        "packages": {d: version(d) for d in ("llama-cpp-python", "onnxruntime", "tokenizers", "numpy", "hnswlib",
-                                             "pydantic", "orjson")},
+        "packages": {d: _package_version(d) for d in ("llama-cpp-python", "onnxruntime", "tokenizers", "numpy",
+                                                      "hnswlib", "pydantic", "orjson")},
         "llama_cpp_system_info": system_info,
         "llama_cpp_build": {"features": features, "backends": diagnostics.backends(system_info),
                             "setup_flags": diagnostics.build_flags(),
@@ -398,55 +405,55 @@ def cmd_doctor(args) -> int:
         "prefix_cache": {"memory_mb_default": DEFAULT_MEMORY_MB, "disk_mb_default": DEFAULT_DISK_MB,
                          **(describe_directory(args.prefix_cache_dir) if args.prefix_cache_dir
                             else {"dir": "off (--prefix-cache-dir DIR to inspect one)"})},
+        "decode_check": _decode_check(args, bundle),
     }
-    if args.no_decode_check:
-        info["decode_check"] = {"ok": None, "message": "skipped (--no-decode-check)"}
-    elif is_bundle_dir(bundle):
-        from .bundle import read_manifest
-
-        info["decode_check"] = diagnostics.decode_check(bundle / read_manifest(bundle).llm.file,
-                                                        n_threads=args.threads)
-    else:
-        info["decode_check"] = {"ok": None, "message": f"no bundle at {bundle} to test; build one with "
-                                                        "`python -m export default-bundle`"}
-    info["hints"] = _hints(info["llama_cpp_system_info"])
+    info["hints"] = _hints(system_info)
     if info["decode_check"].get("ok") is False:
         info["hints"].insert(0, info["decode_check"]["message"])
-    if args.json:
-        _emit_json(info)
-        return 0 if info["decode_check"].get("ok") is not False else 1
-    for key, value in info.items():
-        if key == "llama_cpp_build":
-            on = [k for k, v in value["features"].items() if v]
-            cuda = value["backends"].get("CUDA")
-            if cuda is not None:
-                print(f"llama_cpp_cuda: built for architectures {cuda.get('ARCHS', '?')}; GPU offload "
-                      f"{'available' if info['llama_cpp_gpu_offload'] else 'unavailable (no usable GPU or driver)'}")
-            print(f"llama_cpp_build: {' '.join(on) or 'no CPU features reported'}; AMX kernels "
-                  f"{'built' if value['amx_kernels_built'] else 'not built'} (CPU "
-                  f"{'advertises' if value['cpu_advertises_amx'] else 'does not advertise'} AMX)")
-            continue
-        if key == "prefix_cache":
-            disk = (f"{value['files']} file(s), {value['mb']} MB, {value['sound_headers']} with a sound header, in "
-                    f"{value['dir']}" if "files" in value else value["dir"])
-            print(f"prefix_cache: memory {value['memory_mb_default']:g} MB by default; disk {disk} "
-                  f"(cap {value['disk_mb_default']:g} MB by default)")
-            continue
-        if key == "decode_check":
-            print(f"decode_check: {'ok' if value.get('ok') else 'FAILED' if value.get('ok') is False else 'not run'}"
-                  f": {value['message']}")
-            continue
-        if isinstance(value, dict):
-            print(f"{key}:")
-            for k, v in value.items():
-                print(f"  {k}: {v or 'not installed'}")
-        elif isinstance(value, list):
-            print(f"{key}:" + ("" if value else " none"))
-            for line in value:
-                print(f"  - {line}")
-        else:
-            print(f"{key}: {value}")
-    return 0 if info["decode_check"].get("ok") is not False else 1
+    return info
+
+
+def _decode_check(args, bundle: Path) -> dict:
+    from . import diagnostics
+
+    if args.no_decode_check:
+        return {"ok": None, "message": "skipped (--no-decode-check)"}
+    if not is_bundle_dir(bundle):
+        return {"ok": None, "message": f"no bundle at {bundle} to test; build one with "
+                                       "`python -m export default-bundle`"}
+    from .bundle import read_manifest
+
+    return diagnostics.decode_check(bundle / read_manifest(bundle).llm.file, n_threads=args.threads)
+
+
+def _print_doctor_item(key: str, value: Any, info: dict) -> None:
+    if key == "llama_cpp_build":
+        on = [k for k, v in value["features"].items() if v]
+        cuda = value["backends"].get("CUDA")
+        if cuda is not None:
+            print(f"llama_cpp_cuda: built for architectures {cuda.get('ARCHS', '?')}; GPU offload "
+                  f"{'available' if info['llama_cpp_gpu_offload'] else 'unavailable (no usable GPU or driver)'}")
+        print(f"llama_cpp_build: {' '.join(on) or 'no CPU features reported'}; AMX kernels "
+              f"{'built' if value['amx_kernels_built'] else 'not built'} (CPU "
+              f"{'advertises' if value['cpu_advertises_amx'] else 'does not advertise'} AMX)")
+    elif key == "prefix_cache":
+        disk = (f"{value['files']} file(s), {value['mb']} MB, {value['sound_headers']} with a sound header, in "
+                f"{value['dir']}" if "files" in value else value["dir"])
+        print(f"prefix_cache: memory {value['memory_mb_default']:g} MB by default; disk {disk} "
+              f"(cap {value['disk_mb_default']:g} MB by default)")
+    elif key == "decode_check":
+        print(f"decode_check: {'ok' if value.get('ok') else 'FAILED' if value.get('ok') is False else 'not run'}"
+              f": {value['message']}")
+    elif isinstance(value, dict):
+        print(f"{key}:")
+        for k, v in value.items():
+            print(f"  {k}: {v or 'not installed'}")
+    elif isinstance(value, list):
+        print(f"{key}:" + ("" if value else " none"))
+        for line in value:
+            print(f"  - {line}")
+    else:
+        print(f"{key}: {value}")
 
 
 def _hints(system_info: str) -> list[str]:
@@ -476,7 +483,6 @@ def _int_in(lo: int, hi: int, why: str):
     return parse
 
 
-_seed = _int_in(0, MAX_SEED, "is outside 0..2**64-1 (what a result can record)")
 _positive = _int_in(1, sys.maxsize, "must be at least 1")
 
 
@@ -485,42 +491,31 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     if not model:
         return
     p.add_argument("--bundle", help="bundle directory (default: the embedded default bundle)")
-    p.add_argument("--n-samples", type=int, default=1, help="individual-level chains (m), default 1")
-    p.add_argument("--n-neighbors", type=int, default=0, help="prototype-level chains (n), default 0")
-    p.add_argument("--seed", type=_seed, default=0, help="0 to 2**64-1 (default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--max-tokens", type=int, default=None, help="tokens per chain (default: the bundle's)")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--expected-scores", action="store_true", default=None,
-                   help="read each chain's final scores as digit expectations (lower variance per chain)")
-    p.add_argument("--min-confidence", type=float, default=None, metavar="SHARE",
-                   help="abstain (no decision) when fewer than SHARE of the parsed chains prefer the verdict's side")
-    p.add_argument("--candidate-order", choices=("sample", "item"), default=None,
-                   help="draw the candidates' order per sample (default) or once per pair (the official pipeline)")
     p.add_argument("--chat-template", metavar="FILE.jinja", default=None,
                    help="a chat template that replaces the bundle's and the model file's own")
-    p.add_argument("--persona-mode", choices=("cached", "query"), default=None,
-                   help="LLM-persona indexes: neighbours found by the user's first parsed persona, reused "
-                   "(cached, default) or by this call's first parsed chain (query, the official pipeline)")
-    p.add_argument("--prefix-cache-mb", type=float, default=None, metavar="MB",
-                   help="memory for evaluated system messages reused across calls (default 256; 0: off); "
-                        "results are the same either way")
-    p.add_argument("--prefix-cache-dir", default=None, metavar="DIR",
-                   help="also keep them on disk in DIR, for the next process (off by default)")
-    p.add_argument("--prefix-cache-disk-mb", type=float, default=None, metavar="MB",
-                   help="size cap of --prefix-cache-dir (default 2048); least recently used files go first")
+    add_option_flags(p.add_argument_group("scorer options (left out: the bundle's recommended value, else the "
+                                          "default)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgenrm-lite", description="Personalised rewards with P-GenRM on llama.cpp")
     parser.add_argument("--version", action="version", version=f"pgenrm-lite {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_demo, _add_compare, _add_score, _add_eval, _add_serve, _add_info, _add_forget, _add_verify,
+                _add_doctor):
+        add(sub)
+    return parser
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="score an example pair for an example user")
     _common(p)
     p.set_defaults(func=cmd_demo)
 
+
+def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="which of two responses a user prefers")
     _common(p)
     p.add_argument("--user", required=True, help="user profile JSON (as UserProfile serialises it)")
@@ -529,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b", required=True, help="response B: text, @FILE or -")
     p.set_defaults(func=cmd_compare)
 
+
+def _add_score(sub) -> None:
     p = sub.add_parser("score", help="one score per response for a user")
     _common(p)
     p.add_argument("--user", required=True)
@@ -538,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mean final score over its pairs (0-10, default) or Bradley-Terry strength (log-odds)")
     p.set_defaults(func=cmd_score)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="pairwise accuracy on a PersonalRewardBench-format or HH file")
     _common(p)
     p.add_argument("data", type=Path, help="data file (.jsonl, .jsonl.gz, .json)")
@@ -556,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "bundle's contract: first for official, all for structured)")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="OpenRLHF-compatible HTTP reward server (POST /get_reward, GET /health)")
     _common(p)
     p.add_argument("--profiles", type=Path, default=None,
@@ -579,22 +580,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve a non-loopback address without a token (only on a trusted network)")
     p.set_defaults(func=cmd_serve)
 
+
+def _add_info(sub) -> None:
     p = sub.add_parser("info", help="show a bundle's manifest")
     _common(p, model=False)
     p.add_argument("--bundle", help="bundle directory (default: the embedded default bundle)")
     p.set_defaults(func=cmd_info)
 
+
+def _add_forget(sub) -> None:
     p = sub.add_parser("forget", help="remove a user from a bundle's prototype members (atomically)")
     _common(p, model=False)
     p.add_argument("user_id")
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory whose prototype index to update")
     p.set_defaults(func=cmd_forget)
 
+
+def _add_verify(sub) -> None:
     p = sub.add_parser("verify", help="check every bundle file against its sha256")
     _common(p, model=False)
     p.add_argument("dir", type=Path)
     p.set_defaults(func=cmd_verify)
 
+
+def _add_doctor(sub) -> None:
     p = sub.add_parser("doctor", help="versions, llama.cpp build features, GPU offload, a one-token decode check")
     _common(p, model=False)
     p.add_argument("--bundle", help="bundle whose model the decode check loads (default: the default bundle)")
@@ -602,7 +611,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-decode-check", action="store_true", help="skip the one-token decode in a child process")
     p.add_argument("--prefix-cache-dir", default=None, metavar="DIR", help="report the prompt-cache files in DIR")
     p.set_defaults(func=cmd_doctor)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

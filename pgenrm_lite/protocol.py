@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import orjson
 
@@ -391,8 +391,8 @@ _FINALS = re.compile(r'"better_response":\s*\{\s*"response_1":\s*(\d+(?:\.\d+)?)
                      r'\s*"response_2":\s*(\d+(?:\.\d+)?)\s*\}')
 
 
-def expected_final_scores(text: str, digit_probs: dict[int, Sequence[float]],
-                          ten_probs: dict[int, float] | None = None) -> tuple[float, float] | None:
+def expected_final_scores(text: str, digit_probs: Mapping[int, Sequence[float]],
+                          ten_probs: Mapping[int, float] | None = None) -> tuple[float, float] | None:
     """The two final scores with each digit replaced by its expected value under the model.
 
     `digit_probs` maps a character offset of `text` to the distribution over "0".."9" that

@@ -230,6 +230,9 @@ class CompareResult(_Record):
     # "profile", "history", "cache", "chain" or "history-fallback" (no chain parsed).
     persona_mode: Optional[Literal["cached", "query"]] = None
     persona_from: Optional[Literal["profile", "history", "cache", "chain", "history-fallback"]] = None
+    # Every option that can change the numbers, as `ScorerOptions` names them (with this call's
+    # seed): `Scorer.from_bundle(path, ScorerOptions(**result.options))` asks for the same chains.
+    options: Optional[dict[str, Any]] = None
 
     @property
     def is_decision(self) -> bool:
@@ -255,6 +258,7 @@ class GroupScores(_Record):
     seed: int
     n_samples: int
     n_neighbors: int
+    options: Optional[dict[str, Any]] = None  # as in CompareResult.options
 
 
 # -- bundle manifest (the one definition of its schema) -----------------------------------

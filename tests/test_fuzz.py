@@ -22,7 +22,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pgenrm_lite import protocol, scorer
+from pgenrm_lite import protocol
+from pgenrm_lite.options import ScorerOptions
 from pgenrm_lite.bundle import MANIFEST, read_manifest
 from pgenrm_lite.datasets import load_rows, parse_row, users_from_rows
 from pgenrm_lite.errors import (BundleError, ChainParseError, ConfigError, DataFormatError, PgenrmError,
@@ -340,7 +341,7 @@ def _check_manifest(root: Path, payload: bytes) -> None:
         return
     assert isinstance(out, Manifest)
     # The recommended options are untrusted too: the Scorer takes them only if well-typed.
-    opts = typed(scorer._known_defaults, out.defaults)
+    opts = typed(ScorerOptions.manifest_defaults, out.defaults)
     assert isinstance(opts, (dict, BundleError))
     if isinstance(opts, dict) and "template" not in opts:
         assert isinstance(typed(Template.from_dict, out.template), (Template, ConfigError))
@@ -380,11 +381,11 @@ def test_manifest_hostile_paths(scratch, where, path):
 ])
 def test_manifest_recommended_options_of_the_wrong_type(defaults):
     with pytest.raises(BundleError, match=next(iter(defaults))):
-        scorer._known_defaults(defaults)
+        ScorerOptions.manifest_defaults(defaults)
 
 
 def test_manifest_recommended_options_accepted():
-    opts = scorer._known_defaults({"max_tokens": 600, "analysis_chars": [20, 240], "temperature": 0.7,
+    opts = ScorerOptions.manifest_defaults({"max_tokens": 600, "analysis_chars": [20, 240], "temperature": 0.7,
                                    "c_self": 1, "unknown_future_option": {"x": 1}})
     assert opts == {"max_tokens": 600, "analysis_chars": (20, 240), "temperature": 0.7, "c_self": 1}
 

@@ -243,7 +243,7 @@ def test_chain_members_with_personas_per_query_end_to_end(default_bundle, tmp_pa
         assert len(res.neighbors) == 2
         assert all(member_owner(nb.user_id, "chain") != user.user_id and "#" in nb.user_id for nb in res.neighbors)
         assert sum(s.kind == "neighbor" for s in res.samples) == 2
-    assert not scorer._personas  # per-query personas are never cached
+    assert not scorer.personas.cached  # per-query personas are never cached
 
 
 def test_user_members_with_cached_persona_end_to_end(default_bundle, tmp_path):

@@ -24,7 +24,8 @@ from pgenrm_lite import CompareResult, ConfigError, Preference, RecordError, Sco
 from pgenrm_lite.datasets import load_rows
 from pgenrm_lite.errors import DataFormatError
 from pgenrm_lite.records import MAX_HISTORY_PAIRS, MAX_TEXT_CHARS
-from pgenrm_lite.scorer import MAX_CHAINS, MAX_RESPONSES
+from pgenrm_lite.options import MAX_CHAINS
+from pgenrm_lite.scorer import MAX_RESPONSES
 
 N_THREADS, CALLS_PER_THREAD = 8, 50
 # Shorter chains than conftest's FAST: the concurrency test makes 800 calls.

@@ -3,7 +3,7 @@
     import ray
     from pgenrm_lite.integrations.ray import score_dataset
     ds = ray.data.read_json("pairs.jsonl")          # columns: user_id, prompt, response_a, response_b
-    scored = score_dataset(ds, "/shared/bundle", n_samples=8, n_neighbors=4, concurrency=4,
+    scored = score_dataset(ds, "/shared/bundle", ScorerOptions(n_samples=8, n_neighbors=4), concurrency=4,
                            profiles="/shared/users.jsonl")
     scored.write_parquet("scored/")
 
@@ -27,6 +27,7 @@ from typing import Any, Mapping, Optional
 
 from ..bundle import is_bundle_dir
 from ..errors import ConfigError
+from ..options import ScorerOptions
 from ..protocol import derive_seed
 from . import non_personalised_user, profile_map
 
@@ -41,22 +42,23 @@ def row_seed(seed: int, user_id: str, prompt: str, response_a: str, response_b: 
 class PairScorer:
     """The callable class behind `map_batches`: one Scorer per actor, pandas batches in and out."""
 
-    def __init__(self, bundle: str, *, profiles: Any = None, n_samples: int = 1, n_neighbors: int = 0,
-                 seed: int = 0, device: str = "cpu", n_threads: Optional[int] = 1,
+    def __init__(self, bundle: str, options: ScorerOptions | Mapping[str, Any] | None = None, *,
+                 profiles: Any = None, device: str = "cpu", n_threads: Optional[int] = 1,
                  user_column: Optional[str] = "user_id", prompt_column: str = "prompt",
                  a_column: str = "response_a", b_column: str = "response_b",
-                 scorer_options: Optional[Mapping[str, Any]] = None):
+                 scorer_options: Optional[Mapping[str, Any]] = None, **kwargs: Any):
         from ..scorer import Scorer
+
+        options = ScorerOptions.merge(options, scorer_options, kwargs)
 
         if isinstance(profiles, (str, os.PathLike)):
             from ..datasets import load_profiles
 
             profiles = load_profiles(profiles)
         self.profiles = profile_map(profiles)
-        self.seed = seed
+        self.seed = options.seed
         self.columns = (user_column, prompt_column, a_column, b_column)
-        self.scorer = Scorer.from_bundle(bundle, n_samples=n_samples, n_neighbors=n_neighbors, seed=seed,
-                                         device=device, n_threads=n_threads, **dict(scorer_options or {}))
+        self.scorer = Scorer.from_bundle(bundle, options, device=device, n_threads=n_threads)
 
     def __call__(self, batch):
         import math
@@ -95,16 +97,18 @@ class PairScorer:
         return batch
 
 
-def score_dataset(dataset, bundle: str | os.PathLike, *, n_samples: int = 1, n_neighbors: int = 0, seed: int = 0,
+def score_dataset(dataset, bundle: str | os.PathLike, options: ScorerOptions | Mapping[str, Any] | None = None, *,
                   concurrency: int = 2, profiles: Any = None, user_column: Optional[str] = "user_id",
                   prompt_column: str = "prompt", a_column: str = "response_a", b_column: str = "response_b",
                   batch_size: int = 8, num_cpus: float = 1, n_threads: Optional[int] = 1, device: str = "cpu",
-                  num_gpus: float = 0, **scorer_options):
+                  num_gpus: float = 0, **scorer_options: Any):
     """`dataset` (a `ray.data.Dataset`) with the result columns added; lazy, like any Ray Data transform.
 
-    `concurrency` actors each hold one Scorer on `bundle` (with `n_samples`, `n_neighbors`,
-    `seed` and any other Scorer option in `scorer_options`), reserving `num_cpus` CPUs (and
-    `num_gpus` GPUs, for `device="gpu"`) and running llama.cpp on `n_threads` threads.
+    `concurrency` actors each hold one Scorer on `bundle` with `options` (a `ScorerOptions`
+    or a dict of its fields; keyword arguments such as `n_samples=8` win), validated here
+    before any actor starts; options not given take the bundle's recommended defaults. Each
+    actor reserves `num_cpus` CPUs (and `num_gpus` GPUs, for `device="gpu"`) and runs
+    llama.cpp on `n_threads` threads.
     `profiles`: a mapping user id -> UserProfile, an iterable of UserProfile, or the path of
     a profiles file (JSON list or JSON Lines) readable on every node. Rows whose user is not
     there, or with no `user_column`, use the non-personalised judge (`personalised` False).
@@ -117,6 +121,7 @@ def score_dataset(dataset, bundle: str | os.PathLike, *, n_samples: int = 1, n_n
         raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    given = ScorerOptions.merge(options, scorer_options).given()  # only what was asked: defaults stay the bundle's
     bundle = str(Path(bundle).resolve())
     if not is_bundle_dir(bundle):
         raise ConfigError(f"{bundle} is not a bundle directory (no manifest.json)")
@@ -124,11 +129,10 @@ def score_dataset(dataset, bundle: str | os.PathLike, *, n_samples: int = 1, n_n
         profiles = profile_map(profiles)  # validated here, shipped to each actor
     elif profiles is not None:
         profiles = str(Path(profiles).resolve())
-    kwargs = dict(profiles=profiles, n_samples=n_samples, n_neighbors=n_neighbors, seed=seed, device=device,
-                  n_threads=n_threads, user_column=user_column, prompt_column=prompt_column, a_column=a_column,
-                  b_column=b_column, scorer_options=scorer_options)
+    kwargs = dict(profiles=profiles, device=device, n_threads=n_threads, user_column=user_column,
+                  prompt_column=prompt_column, a_column=a_column, b_column=b_column)
     extra = {"num_gpus": num_gpus} if num_gpus else {}
-    return dataset.map_batches(PairScorer, fn_constructor_args=(bundle,), fn_constructor_kwargs=kwargs,
+    return dataset.map_batches(PairScorer, fn_constructor_args=(bundle, given), fn_constructor_kwargs=kwargs,
                                batch_size=batch_size, batch_format="pandas",
                                compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=num_cpus, **extra)
 
