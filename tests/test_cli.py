@@ -265,11 +265,21 @@ def test_bad_records_and_data_are_typed_errors(fake_engine, fake_bundle, tmp_pat
                 "2 to 16 responses")
 
 
-def test_a_scorer_option_out_of_range_is_a_typed_error(fake_engine, fake_bundle, files, capsys):
+def usage_error(argv, capsys, *fragments: str) -> str:
+    """A flag's own bad value: argparse's exit 2, the message naming the flag and the bound."""
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "Traceback" not in err, (argv, code, err)
+    for f in fragments:
+        assert f in err, err
+    return err
+
+
+def test_a_scorer_option_out_of_range_is_refused(fake_engine, fake_bundle, files, capsys):
     argv = ["compare", "--bundle", str(fake_bundle), "--user", files["user"], "--prompt", "p", "--a", "x", "--b", "y"]
-    typed_error([*argv, "--min-confidence", "2"], capsys, "min_confidence")
+    usage_error([*argv, "--min-confidence", "2"], capsys, "--min-confidence", "min_confidence")
+    usage_error([*argv, "--n-samples", str(2 ** 64)], capsys, "--n-samples", "at most 1024")  # no endless job list
+    # What only the options together, or the bundle, can tell: a typed error after parsing.
     typed_error([*argv, "--n-samples", "0"], capsys, "n_samples")
-    typed_error([*argv, "--n-samples", str(2 ** 64)], capsys, "at most 1024")  # not a job list without end
     typed_error([*argv, "--n-neighbors", "1"], capsys, "prototype index")
     typed_error([*argv, "--max-tokens", "50"], capsys, "too small for the output grammar")
 
