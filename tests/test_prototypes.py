@@ -25,8 +25,9 @@ import pytest
 from pgenrm_lite import (BundleIntegrityError, ConfigError, DataFormatError, Preference, PrototypeIndexError,
                          Scorer, UserProfile)
 from pgenrm_lite.bundle import Bundle, file_entry, read_manifest, with_files, write_manifest
-from pgenrm_lite.prototypes import (PROTO_DIR, PrototypeIndex, build_hnsw, explained_variance, kmeans,
-                                    read_hnsw_header, unit_rows)
+from pgenrm_lite.generations import PROTO_DIR
+from pgenrm_lite.hnsw_files import build_hnsw, read_hnsw_header, unit_rows
+from pgenrm_lite.prototypes import PrototypeIndex
 from pgenrm_lite.records import MANIFEST_SCHEMA_VERSION, EmbedderInfo, LLMInfo, Manifest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from export.prototypes_build import (build_prototypes, checkpoint_path, index_members,  # noqa: E402
                                      read_users)
+from export.kmeans import explained_variance, kmeans  # noqa: E402
 
 DIM = 16
 
