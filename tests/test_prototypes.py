@@ -149,6 +149,25 @@ def test_kmeans_reseeds_an_empty_cluster_from_the_farthest_point(clusters):
     assert {tuple(sorted(set(labels[truth == t]))) for t in range(3)} == {(0,), (1,), (2,)}
 
 
+def test_runtime_package_holds_no_kmeans():
+    """Only the offline builder clusters: no module of the runtime defines or imports k-means."""
+    code = textwrap.dedent("""
+        import importlib, pkgutil, sys
+        import pgenrm_lite
+        names = [m.name for m in pkgutil.walk_packages(pgenrm_lite.__path__, "pgenrm_lite.")]
+        for name in names:
+            importlib.import_module(name)
+        found = sorted(f"{n}.{a}" for n in names for a in vars(sys.modules[n]) if "kmeans" in a.lower())
+        exported = sorted(m for m in sys.modules if m.split(".")[0] == "export")
+        print(json.dumps({"modules": names, "kmeans": found, "export": exported}))
+    """)
+    done = subprocess.run([sys.executable, "-c", "import json\n" + code], cwd=REPO, capture_output=True,
+                          text=True, check=True)
+    seen = orjson.loads(done.stdout)
+    assert {"pgenrm_lite.prototypes", "pgenrm_lite.generations", "pgenrm_lite.scorer"} <= set(seen["modules"])
+    assert seen["kmeans"] == [] and seen["export"] == []
+
+
 # -- retrieval ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("brute", [False, True], ids=["hnswlib", "brute-force"])
