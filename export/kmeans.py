@@ -12,6 +12,7 @@ import numpy as np
 from pgenrm_lite.errors import ConfigError
 from pgenrm_lite.hnsw_files import unit_rows
 
+
 def kmeans(vectors: np.ndarray, k: int, *, seed: int, n_iter: int = 50, n_init: int = 4,
            init: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """Spherical k-means: (unit centroids [k, dim], labels [n]) with k clamped to the point count.
