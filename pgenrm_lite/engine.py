@@ -56,6 +56,12 @@ class Request:
     prefix_len: int = 0
     # Whose text the prefix holds (a user id), so a prefix cache can forget it; "" for nobody.
     owner: str = ""
+    # With a cacheable prefix: the first shared_len tokens (>= prefix_len) are ones other prompts
+    # of the same call may share (e.g. the user's query, which both candidate orders hold). They
+    # are evaluated once per group as their own span after the prefix (a later request with the
+    # same first shared_len tokens copies those cells), so like the prefix, the layout is decided
+    # by the call's requests alone, never by the cache. 0: no such span.
+    shared_len: int = 0
 
 
 @dataclass
@@ -284,7 +290,7 @@ class Engine:
         """Tokens of a cacheable prefix two prompts share: their common prefix, cut after its last
         control token. Text between control tokens is tokenized as one run (see chat), so a cut
         there is where other prompts with the same head (e.g. system message) split too."""
-        n = min(_common_prefix(a, b), len(a) - 1, len(b) - 1)
+        n = min(common_prefix(a, b), len(a) - 1, len(b) - 1)
         while n > 0 and not self.is_control(a[n - 1]):
             n -= 1
         return n
@@ -347,6 +353,10 @@ class Engine:
             if not 0 <= r.prefix_len < len(r.tokens):
                 raise ConfigError(f"prefix_len={r.prefix_len} must leave at least one of the prompt's "
                                   f"{len(r.tokens)} tokens to evaluate")
+            if r.shared_len and not (r.prefix_len and r.prefix_len <= r.shared_len < len(r.tokens)):
+                raise ConfigError(f"shared_len={r.shared_len} needs a cacheable prefix (prefix_len="
+                                  f"{r.prefix_len}) no longer than it, and must leave at least one of the "
+                                  f"prompt's {len(r.tokens)} tokens to evaluate")
         states: dict[tuple[int, ...], bytes] = {}  # this call's prefix states, by prefix tokens
         evicted = self.prefix_cache.stats.evicted if self.prefix_cache is not None else 0
         for group in self._plan_groups(requests, params.max_tokens, reserve=int(params.digit_probs)):
@@ -393,6 +403,7 @@ class Engine:
         seq_ids = iter(range(self.n_seq_max))
         evaluated: list[tuple[int, tuple[int, ...]]] = []  # (seq, tokens) of prompts already in cache
         placed: dict[tuple[int, ...], int] = {}  # cacheable prefix -> the sequence holding it in this group
+        shared: dict[tuple[int, ...], int] = {}  # a call-shared span's tokens -> the sequence holding them
         try:
             t0 = time.perf_counter()
             for ri in by_req:
@@ -402,15 +413,21 @@ class Engine:
                 tokens = requests[ri].tokens
                 seqs = [next(seq_ids) for _ in sis]
                 owner = seqs[0]
-                p = requests[ri].prefix_len
-                if p:
+                p, q = requests[ri].prefix_len, requests[ri].shared_len
+                if q and tokens[:q] in shared:
+                    self._copy_prefix(shared[tokens[:q]], owner, q)
+                    stats.n_prompt_tokens += self._eval_span(owner, tokens, q, logits_last=True)
+                elif p:
                     prefix = tokens[:p]
                     if prefix in placed:
                         self._copy_prefix(placed[prefix], owner, p)
                     else:
                         self._restore(states[prefix], owner)
                         placed[prefix] = owner
-                    stats.n_prompt_tokens += self._eval_span(owner, tokens, p, logits_last=True)
+                    if q:
+                        stats.n_prompt_tokens += self._eval_span(owner, tokens[:q], p, logits_last=False)
+                        shared[tokens[:q]] = owner
+                    stats.n_prompt_tokens += self._eval_span(owner, tokens, max(p, q), logits_last=True)
                 else:
                     stats.n_prompt_tokens += self._prefill(owner, tokens, evaluated)
                 evaluated.append((owner, tokens))
@@ -518,7 +535,7 @@ class Engine:
         """Put `tokens` into sequence `seq`, copying the longest prefix already cached. Returns tokens evaluated."""
         best_len, best_seq = 0, -1
         for other_seq, other in evaluated:
-            n = _common_prefix(tokens, other)
+            n = common_prefix(tokens, other)
             if n > best_len:
                 best_len, best_seq = n, other_seq
         # Keep at least the last token to evaluate, so its logits exist.
@@ -788,7 +805,7 @@ def _decode_pieces(pieces: list[bytes], digits: dict[int, tuple[float, ...]],
     return "".join(parts), digit_at, ten_at
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
@@ -797,18 +814,22 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def _prompt_cells(requests: Sequence[Request]) -> int:
-    """Cells the prompts occupy: a cacheable prefix is shared only with requests of the same
-    prefix; a prompt without one reuses its longest prefix with an earlier prompt."""
+    """Cells the prompts occupy: a cacheable prefix (and a call-shared span) is shared only with
+    requests of the same one; a prompt without one reuses its longest prefix with an earlier prompt."""
     seen: list[tuple[int, ...]] = []
     prefixes: set[tuple[int, ...]] = set()
+    spans: set[tuple[int, ...]] = set()
     total = 0
     for r in requests:
         if r.prefix_len:
-            prefix = r.tokens[:r.prefix_len]
-            total += len(r.tokens) - (r.prefix_len if prefix in prefixes else 0)
+            prefix, span = r.tokens[:r.prefix_len], r.tokens[:r.shared_len]
+            reused = r.shared_len if r.shared_len and span in spans else r.prefix_len if prefix in prefixes else 0
+            total += len(r.tokens) - reused
             prefixes.add(prefix)
+            if r.shared_len:
+                spans.add(span)
         else:
-            shared = max((_common_prefix(r.tokens, s) for s in seen), default=0)
+            shared = max((common_prefix(r.tokens, s) for s in seen), default=0)
             total += len(r.tokens) - min(shared, len(r.tokens) - 1)
         seen.append(r.tokens)
     return total

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 from . import contracts, group_rewards, protocol, scaling
 from .bundle import Bundle, is_bundle_dir, model_file_ok
-from .engine import Engine, Request, SamplingParams
+from .engine import Engine, Request, SamplingParams, common_prefix
 from .errors import ChainParseError, ClosedError, ConfigError, ContextOverflowError
 from .group_rewards import GroupMethod
 from .prefix_cache import DEFAULT_DISK_MB, DEFAULT_MEMORY_MB, PrefixCache
@@ -41,6 +41,7 @@ class _Prepared:
     history_shown: int
     policy: tuple[str, ...]
     prefix_len: int = 0  # tokens both orders share up to a control token (the system message): cacheable
+    shared_len: int = 0  # tokens both orders share (the prefix, then the user's query): evaluated once per call
 
 
 @dataclass
@@ -410,8 +411,9 @@ class Scorer:
                                               responses[job.pair[1]], seed)
             by_tokens.setdefault(prepared[key].tokens[job.swapped], []).append(idx)
             owner_of[prepared[key].tokens[job.swapped]] = self._owner(job)
-        prefix_len = {prep.tokens[swapped]: prep.prefix_len for prep in prepared.values() for swapped in prep.tokens}
-        requests = [Request(tokens, tuple(jobs[i].seed for i in idxs), prefix_len[tokens], owner_of[tokens])
+        prep_of = {prep.tokens[swapped]: prep for prep in prepared.values() for swapped in prep.tokens}
+        requests = [Request(tokens, tuple(jobs[i].seed for i in idxs), prefix_len=prep_of[tokens].prefix_len,
+                            owner=owner_of[tokens], shared_len=prep_of[tokens].shared_len)
                     for tokens, idxs in by_tokens.items()]
         completions, stats = self.engine.generate(requests, self.params)
         outputs: list = [None] * len(jobs)
@@ -453,8 +455,10 @@ class Scorer:
                 if max_chars is not None:
                     policy.append(f"shortened texts longer than {max_chars} characters (marked "
                                   "'[...truncated N characters]')")
+                prefix_len = self.engine.cacheable_prefix(tokens[False], tokens[True])
+                shared = min(common_prefix(tokens[False], tokens[True]), *(len(t) - 1 for t in tokens.values()))
                 return _Prepared(tokens=tokens, messages=messages, history_shown=n_pairs, policy=tuple(policy),
-                                 prefix_len=self.engine.cacheable_prefix(tokens[False], tokens[True]))
+                                 prefix_len=prefix_len, shared_len=shared if prefix_len and shared > prefix_len else 0)
         raise ContextOverflowError(
             f"even with {min_pairs} history pair(s) and every text shortened to {SHORTEN_STEPS[-1]} "
             f"characters the prompt takes {longest} tokens, and with max_tokens={self.params.max_tokens} "

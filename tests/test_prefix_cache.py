@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pgenrm_lite import Preference, Scorer, UserProfile, protocol
-from pgenrm_lite.engine import Engine, Request, SamplingParams
+from pgenrm_lite.engine import Engine, Request, SamplingParams, common_prefix
 from pgenrm_lite.errors import CacheFileError
 from pgenrm_lite.prefix_cache import HEADER, PrefixCache, cache_key, read_file_payload
 
@@ -35,14 +35,17 @@ A, B = "Use s[::-1].", "Strings are sequences of characters and reversing is an 
 SHORT = SamplingParams(max_tokens=6, temperature=1.0)  # unconstrained: a few tokens, logits compared
 
 
-def _requests(engine: Engine, users) -> list[Request]:
-    """Both candidate orders for each user: requests sharing a prefix, and requests that do not."""
+def _requests(engine: Engine, users, shared: bool = True) -> list[Request]:
+    """Both candidate orders for each user: requests sharing a prefix (and, within a user, the
+    query span), and requests that do not."""
     out = []
     for k, user in enumerate(users):
         toks = [engine.chat_tokens(protocol.render_messages(user, PROMPT, r1, r2)) for r1, r2 in ((A, B), (B, A))]
         p = engine.cacheable_prefix(toks[0], toks[1])
-        assert 0 < p < min(map(len, toks))
-        out += [Request(toks[0], (10 * k + 1, 10 * k + 2), p), Request(toks[1], (10 * k + 3,), p)]
+        q = min(common_prefix(*toks), *(len(t) - 1 for t in toks)) if shared else 0  # the query span
+        assert 0 < p < min(map(len, toks)) and (q > p or not shared)
+        out += [Request(toks[0], (10 * k + 1, 10 * k + 2), p, shared_len=q),
+                Request(toks[1], (10 * k + 3,), p, shared_len=q)]
     return out
 
 
@@ -118,6 +121,20 @@ def test_cold_warm_reordered_and_evicting_caches_give_bitwise_the_same_logits(kv
     assert tiny.snapshot().evicted == 2 and tiny.snapshot().entries == 1
     out, logits, stats = _run(engine, requests)
     assert (out, logits) == (ref_out, ref_logits) and stats.cache_evicted >= 1
+
+
+def test_both_candidate_orders_evaluate_the_shared_query_once(engine):
+    requests = _requests(engine, [ALICE])
+    engine.prefix_cache = PrefixCache(0)
+    out, logits, stats = _run(engine, requests)
+    q = requests[0].shared_len
+    assert stats.n_prompt_tokens == q + sum(len(r.tokens) - q for r in requests)
+    # Without the span each order evaluates the query again, and the results differ only at the
+    # sampling-noise level (another ubatch split), so they are not compared here.
+    unshared = _run(engine, _requests(engine, [ALICE], shared=False))[2]
+    assert unshared.n_prompt_tokens - stats.n_prompt_tokens == q - requests[0].prefix_len
+    # The order whose span is copied still gets the same logits, call after call.
+    assert _run(engine, requests)[:2] == (out, logits)
 
 
 def test_disk_cache_survives_a_restart_and_refuses_damaged_or_foreign_files(engine, tmp_path):
