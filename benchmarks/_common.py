@@ -105,22 +105,21 @@ def in_child(fn: Callable, *args):
 def decode_step_ms(engine, n_prompt: int, token: int, n: int, steps: int) -> float:
     """Median ms of one decode step for `n` sequences sharing the prompt held in sequence 0.
 
-    Uses the engine's internals on purpose: it measures a building block, not a call. The
-    prompt's `n_prompt` cells must be in sequence 0; they are left there, and nothing else.
+    Works on the engine's context (a building block, not a call). The prompt's `n_prompt`
+    cells must be in sequence 0; they are left there, and nothing else.
     """
-    import llama_cpp
-
+    ctx = engine.context
     for seq in range(1, n):
-        llama_cpp.llama_memory_seq_cp(engine._mem, 0, seq, -1, -1)
+        ctx.seq_copy(0, seq)
     times = []
     for k in range(steps):
-        engine._fill_batch([(token, n_prompt + k, seq, True) for seq in range(n)])
+        ctx.batch.fill([(token, n_prompt + k, seq, True) for seq in range(n)])
         t = time.perf_counter()
-        engine._decode()
+        ctx.decode()
         times.append(time.perf_counter() - t)
     for seq in range(1, n):
-        llama_cpp.llama_memory_seq_rm(engine._mem, seq, -1, -1)
-    llama_cpp.llama_memory_seq_rm(engine._mem, 0, n_prompt, -1)
+        ctx.seq_remove(seq)
+    ctx.seq_remove(0, n_prompt)
     return 1000 * float(median(times))
 
 

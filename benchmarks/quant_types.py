@@ -44,8 +44,7 @@ def requantize(src: Path, dst: Path, ftype: int, threads: int) -> None:
 
 
 def speed(model: str, prompt_tokens: int, steps: int, threads: int, ns=(1, 8, 16, 24)) -> dict:
-    """Prompt tok/s and ms per decode step for n sequences (engine internals: building blocks)."""
-    import llama_cpp
+    """Prompt tok/s and ms per decode step for n sequences (the engine's context: building blocks)."""
     from pgenrm_lite.engine import Engine
 
     out: dict = {"step_ms": {}}
@@ -55,9 +54,9 @@ def speed(model: str, prompt_tokens: int, steps: int, threads: int, ns=(1, 8, 16
         tokens = tuple(int(t) for t in np.random.default_rng(0).integers(low, engine.n_vocab, prompt_tokens))
         best = None
         for _ in range(2):
-            llama_cpp.llama_memory_clear(engine._mem, True)
+            engine.context.clear()
             t = time.perf_counter()
-            engine._prefill(0, tokens, [])
+            engine.context.eval_span(0, tokens)
             best = min(best or 1e9, time.perf_counter() - t)
         out["prompt_tok_s"] = prompt_tokens / best
         for n in ns:
@@ -71,20 +70,18 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def all_logits(model: str, sequences: list[list[int]], threads: int) -> list[np.ndarray]:
-    import llama_cpp
     from pgenrm_lite.engine import Engine
 
     out = []
     with Engine(model, n_ctx=4096, n_threads=threads, device="cpu", n_seq_max=1) as engine:
+        ctx = engine.context
         for tokens in sequences:
-            llama_cpp.llama_memory_clear(engine._mem, True)
+            ctx.clear()
             rows = []
             for start in range(0, len(tokens), 512):
                 chunk = tokens[start:start + 512]
-                engine._fill_batch([(t, start + i, 0, True) for i, t in enumerate(chunk)])
-                engine._decode()
-                ptr = llama_cpp.llama_get_logits(engine._ctx)
-                rows.append(np.ctypeslib.as_array(ptr, shape=(len(chunk), engine.n_vocab)).copy())
+                ctx.decode([(t, start + i, 0, True) for i, t in enumerate(chunk)])
+                rows.append(ctx.all_logits(len(chunk)).copy())
             out.append(_log_softmax(np.concatenate(rows)))
     return out
 

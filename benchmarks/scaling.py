@@ -218,15 +218,14 @@ def step_anatomy(model: str, prompt: list[int], job: dict, ns: tuple[int, ...] =
     The gap is the cost of attending over the prompt, which each sequence pays on its own:
     the weights are read once per step for all sequences, the attention is not shared.
     """
-    import llama_cpp
     from pgenrm_lite.engine import Engine
 
     n_ctx = round_up(max(ns) * (len(prompt) + steps + 8))
     out = [{"sequences": n} for n in ns]
     with Engine(model, n_ctx=n_ctx, n_threads=job["threads"], device="cpu", n_seq_max=max(ns)) as engine:
         for label, tokens in (("prompt", prompt), ("short", prompt[:32])):
-            llama_cpp.llama_memory_clear(engine._mem, True)
-            engine._prefill(0, tuple(tokens), [])
+            engine.context.clear()
+            engine.context.eval_span(0, tuple(tokens))
             for row in out:
                 row[f"{label}_ms"] = decode_step_ms(engine, len(tokens), tokens[-1], row["sequences"], steps)
     return out

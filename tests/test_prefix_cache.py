@@ -15,6 +15,7 @@ import pytest
 from pgenrm_lite import Preference, Scorer, UserProfile, protocol
 from pgenrm_lite.engine import Engine, Request, SamplingParams, common_prefix
 from pgenrm_lite.errors import CacheFileError
+from pgenrm_lite.llama_sampler import SequenceSampler
 from pgenrm_lite.prefix_cache import HEADER, PrefixCache, cache_key, read_file_payload
 
 ALICE = UserProfile(user_id="alice", history=[
@@ -52,18 +53,18 @@ def _requests(engine: Engine, users, shared: bool = True) -> list[Request]:
 def _run(engine: Engine, requests: list[Request]):
     """Completions, every logits row sampled from (hashed), and the call's stats."""
     seen: list[str] = []
-    real = Engine._sample
+    drawn: dict[SequenceSampler, int] = {}  # tokens each sampler has drawn so far (keeps it alive)
+    real = SequenceSampler.sample
 
-    def watching(self, s, row):
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,))
-        seen.append(f"{s.seed}:{len(s.tokens)}:{hashlib.sha256(logits.tobytes()).hexdigest()}")
-        return real(self, s, row)
+    def watching(self, context, row):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context.ptr, row), shape=(context.n_vocab,))
+        drawn[self] = n = drawn.get(self, -1) + 1
+        seen.append(f"{self.seed}:{n}:{hashlib.sha256(logits.tobytes()).hexdigest()}")
+        return real(self, context, row)
 
-    engine._sample = watching.__get__(engine)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SequenceSampler, "sample", watching)
         completions, stats = engine.generate(requests, SHORT)
-    finally:
-        del engine._sample
     return [[(c.text, c.seed) for c in row] for row in completions], sorted(seen), stats
 
 

@@ -89,7 +89,7 @@ def test_injected_markers_do_not_change_the_prompt_structure(smol):
     assert JSON_START not in evil_msgs[1]["content"]
 
     # Token level: the special tokens are exactly the chat template's own.
-    template_text = "".join(t for t, is_template in engine._chat.render_parts(evil_msgs) if is_template)
+    template_text = "".join(t for t, is_template in engine.model.chat.render_parts(evil_msgs) if is_template)
     evil_tokens = engine.chat_tokens(evil_msgs)
     clean_tokens = engine.chat_tokens(clean_msgs)
     for text, tid in ids.items():
