@@ -2,7 +2,7 @@
 
 Per member: a persona text, embedded with the bundle's embedder; seeded spherical k-means
 (k clamped to the member count; clusters left empty are dropped); each member assigned to
-its nearest prototype; the files written through `pgenrm_lite.generations.write_generation`
+its nearest prototype; the files written through `pgenrm_lite.prototype_files.write_generation`
 (the one place that knows the layout) and the manifest switched atomically.
 
 Persona sources:
@@ -49,9 +49,9 @@ from pgenrm_lite._progress import Progress
 from pgenrm_lite.bundle import Bundle, read_manifest
 from pgenrm_lite.datasets import load_hh, load_rows, users_from_rows
 from pgenrm_lite.errors import ConfigError, ExportError
-from pgenrm_lite.generations import write_generation, writer_lock
 from pgenrm_lite.hnsw_files import build_hnsw
 from pgenrm_lite.members import chain_members, member_record, persona_checkpoint_path
+from pgenrm_lite.prototype_files import write_generation, writer_lock
 from pgenrm_lite.records import Preference, PrototypeInfo, UserProfile
 
 EMBED_BATCH = 64

@@ -1,7 +1,7 @@
 """User prototypes on hnswlib: the nearest prototype, its most similar members, on-device additions.
 
 The index over one generation of files (layout, reading, writing and locking in
-`generations`; the hnswlib file checks in `hnsw_files`; what a member is in `members`).
+`prototype_files`; the hnswlib file checks in `hnsw_files`; what a member is in `members`).
 Neighbour look-ups never return any member of the asking user. The clusters come from
 `python -m export prototypes` (k-means lives there: the runtime never clusters).
 """
@@ -17,11 +17,11 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import ConfigError, PrototypeIndexError
-from .generations import (PROTO_DIR, Generation, LiveGeneration, generation_of, read_generation, write_generation,
-                          write_next, writer_lock)
 from .hnsw_files import build_hnsw, fresh_hnsw, read_hnsw_header, unit_rows
 from .members import (CHAIN_SEP, chain_members, forget_persona_checkpoint, member_owner, member_record,
                       persona_checkpoint_path)
+from .prototype_files import (PROTO_DIR, Generation, LiveGeneration, generation_of, read_generation,
+                              write_generation, write_next, writer_lock)
 from .records import EmbedderInfo, Manifest, PrototypeInfo, UserProfile
 from .refinement import RefinedSpace, history_arrays, mean_query
 

@@ -25,8 +25,8 @@ import pytest
 from pgenrm_lite import (BundleIntegrityError, ConfigError, DataFormatError, Preference, PrototypeIndexError,
                          Scorer, UserProfile)
 from pgenrm_lite.bundle import Bundle, file_entry, read_manifest, with_files, write_manifest
-from pgenrm_lite.generations import PROTO_DIR
 from pgenrm_lite.hnsw_files import build_hnsw, read_hnsw_header, unit_rows
+from pgenrm_lite.prototype_files import PROTO_DIR
 from pgenrm_lite.prototypes import PrototypeIndex
 from pgenrm_lite.records import MANIFEST_SCHEMA_VERSION, EmbedderInfo, LLMInfo, Manifest
 
@@ -164,7 +164,7 @@ def test_runtime_package_holds_no_kmeans():
     done = subprocess.run([sys.executable, "-c", "import json\n" + code], cwd=REPO, capture_output=True,
                           text=True, check=True)
     seen = orjson.loads(done.stdout)
-    assert {"pgenrm_lite.prototypes", "pgenrm_lite.generations", "pgenrm_lite.scorer"} <= set(seen["modules"])
+    assert {"pgenrm_lite.prototypes", "pgenrm_lite.prototype_files", "pgenrm_lite.scorer"} <= set(seen["modules"])
     assert seen["kmeans"] == [] and seen["export"] == []
 
 
