@@ -18,7 +18,8 @@ _CHUNK = 1 << 16
 
 
 def _read_fd(fd: int, limit: int, what: str, wait_s: float) -> bytes:
-    chunks, total = [], 0
+    chunks: list[bytes] = []
+    total = 0
     while True:
         try:
             chunk = os.read(fd, min(_CHUNK, limit + 1 - total))

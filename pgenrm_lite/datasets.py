@@ -7,12 +7,13 @@ Every malformed line is a `DataFormatError` naming the file, line and field.
 from __future__ import annotations
 
 import gzip
+import os
 import random
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal, TypedDict
 
 import orjson
 
@@ -41,6 +42,13 @@ class Row:
 
 MAX_LINE_BYTES = 16 << 20  # one JSON Lines row: far above what MAX_TEXT_CHARS fields need
 MAX_JSON_FILE_BYTES = 256 << 20  # a .json file (one list or object) is read whole
+
+
+class Where(TypedDict):
+    """Where a record came from, for DataFormatError."""
+
+    path: str | None
+    line: int | None
 
 
 def _open_lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -93,7 +101,7 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
             raise DataFormatError(f"not valid JSON ({exc})", path=str(path), line=lineno) from exc
 
 
-def _text(obj: dict, key: str, where: dict, *, label: str | None = None) -> str:
+def _text(obj: dict, key: str, where: Where, *, label: str | None = None) -> str:
     value = obj.get(key)
     label = label or key
     if not isinstance(value, str):
@@ -103,7 +111,7 @@ def _text(obj: dict, key: str, where: dict, *, label: str | None = None) -> str:
     return value
 
 
-def _message_content(row: dict, key: str, where: dict) -> str:
+def _message_content(row: dict, key: str, where: Where) -> str:
     msg = row.get(key)
     if isinstance(msg, str):
         return _text(row, key, where)
@@ -112,7 +120,7 @@ def _message_content(row: dict, key: str, where: dict) -> str:
     return _text(msg, "content", where, label=f"{key}.content")
 
 
-def render_context(context: list, where: dict, turns: str = "all") -> str:
+def render_context(context: list, where: Where, turns: str = "all") -> str:
     """A conversation as query text: a single user turn as is, several turns labelled.
 
     turns="first" keeps only the first turn, as the official P-GenRM pipeline does
@@ -139,7 +147,7 @@ def render_context(context: list, where: dict, turns: str = "all") -> str:
 
 
 def parse_row(obj: Any, *, path: str | None = None, line: int | None = None, turns: str = "all") -> Row:
-    where = {"path": path, "line": line}
+    where: Where = {"path": path, "line": line}
     if not isinstance(obj, dict):
         raise DataFormatError(f"a row must be a JSON object, got {type(obj).__name__}", **where)
     for key in ("user_id", "context", "chosen", "rejected"):
@@ -187,7 +195,7 @@ def load_hh(path: str | Path, *, test_fraction: float = 0.5, seed: int = 0,
     path = Path(path)
     by_user: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
     for lineno, obj in _records(path):
-        where = {"path": str(path), "line": lineno}
+        where: Where = {"path": str(path), "line": lineno}
         if not isinstance(obj, dict):
             raise DataFormatError("a row must be a JSON object", **where)
         prompt = _text(obj, "prompt", where)
@@ -238,12 +246,12 @@ def rows_of_split(rows: Iterable[Row], split: Literal["test", "val"] = "test") -
 NO_USER = "(no user)"  # the user id of RewardBench rows that name no user
 
 
-def load_profiles(path: str | Path) -> dict[str, UserProfile]:
+def load_profiles(path: str | os.PathLike) -> dict[str, UserProfile]:
     """`UserProfile` records from a JSON list (or one object) or a JSON Lines file, keyed by user id."""
     path = Path(path)
     out: dict[str, UserProfile] = {}
     for lineno, obj in _records(path):
-        where = {"path": str(path), "line": lineno}
+        where: Where = {"path": str(path), "line": lineno}
         try:
             profile = UserProfile.validate_obj(obj)
         except RecordError as exc:
@@ -254,7 +262,7 @@ def load_profiles(path: str | Path) -> dict[str, UserProfile]:
     return out
 
 
-def _last_turn_text(value: Any, key: str, where: dict) -> str:
+def _last_turn_text(value: Any, key: str, where: Where) -> str:
     """A RewardBench response: a string, a {role, content} object, or a message list (its last turn)."""
     if isinstance(value, list) and value:
         value = value[-1]
@@ -272,7 +280,7 @@ def load_rewardbench(path: str | Path, *, user_column: str | None = None) -> lis
     path = Path(path)
     rows: list[Row] = []
     for lineno, obj in _records(path):
-        where = {"path": str(path), "line": lineno}
+        where: Where = {"path": str(path), "line": lineno}
         if not isinstance(obj, dict):
             raise DataFormatError(f"a row must be a JSON object, got {type(obj).__name__}", **where)
         for key in ("prompt", "chosen", "rejected"):

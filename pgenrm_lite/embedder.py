@@ -31,7 +31,7 @@ DEVICES = ("auto", "cpu", "gpu")
 KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 PADDING_SIDES = ("right", "left")
 _CPU, _CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
-_NUMPY_INT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+_NUMPY_INT: dict[str, type] = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
 class Embedder:
@@ -147,7 +147,7 @@ class Embedder:
             ids[row, cols] = tokens
             mask[row, cols] = 1
         arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-        feed = {name: arrays[name].astype(dtype, copy=False) for name, dtype in self._inputs}
+        feed: dict[str, np.ndarray] = {name: arrays[name].astype(dtype, copy=False) for name, dtype in self._inputs}
         try:
             result = self._session.run([self._output], feed)[0]
         except Exception as exc:
@@ -182,7 +182,7 @@ def read_description(root: Path) -> dict:
     for key, kind in (("model_file", str), ("tokenizer_file", str), ("output_name", str),
                       ("dimension", int), ("max_length", int)):
         value = desc.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+        if not isinstance(value, kind) or isinstance(value, bool) or (isinstance(value, int) and value < 1):
             raise EmbedderError(f"{path}: field {key!r} should be a "
                                 f"{'positive integer' if kind is int else 'string'}, got {value!r}")
     prefix = desc.get("query_prefix")

@@ -84,7 +84,7 @@ def interleave_by_user(rows: Sequence[Row]) -> list[Row]:
     for r in rows:
         by_user[r.user_id].append(r)
     queues = [by_user[u] for u in sorted(by_user)]
-    out = []
+    out: list[Row] = []
     i = 0
     while any(i < len(q) for q in queues):
         out.extend(q[i] for q in queues if i < len(q))

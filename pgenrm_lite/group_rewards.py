@@ -24,7 +24,7 @@ A response with no parsed comparison gets NaN under both, and its standard error
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence, cast
 
 import numpy as np
 
@@ -39,10 +39,10 @@ DEFAULT_PRIOR_SD = 2.0  # theta gap of 2 sd = P(win) 0.98: decisive, yet finite 
 Outcome = tuple[int, int, float]
 
 
-def check_method(method: str) -> str:
-    if method not in GROUP_METHODS:
-        raise ConfigError(f"group reward method must be one of {', '.join(GROUP_METHODS)}, got {method!r}")
-    return method
+def check_method(method: str) -> GroupMethod:
+    if method in GROUP_METHODS:
+        return cast(GroupMethod, method)
+    raise ConfigError(f"group reward method must be one of {', '.join(GROUP_METHODS)}, got {method!r}")
 
 
 def win_share(chains: Sequence[tuple[float, float, bool]], *, c_self: float = 0.5, c_nb: float = 0.5

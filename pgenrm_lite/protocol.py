@@ -345,8 +345,8 @@ def criteria_from_text(rationale: str) -> list[Criterion]:
         pattern = re.compile(re.escape(name) + _SKIP_WEIGHT + _SCORE_AFTER, re.IGNORECASE)
         scores = []
         for idx in (1, 2):
-            m = pattern.search(sections.get(idx, ""))
-            value = float(m.group(1)) if m else None
+            hit = pattern.search(sections.get(idx, ""))
+            value = float(hit.group(1)) if hit else None
             scores.append(value if value is not None and 0 <= value <= 10 else None)
         out.append(Criterion(name=name[:200], weight=weight, raw_weight=weight, scores=(scores[0], scores[1])))
     return out

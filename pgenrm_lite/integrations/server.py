@@ -291,6 +291,7 @@ class RewardService:
                                     f"got a JSON {type(body).__name__}")
         queries = _string_list(body, "query", True)
         prompts = _string_list(body, "prompts", True)
+        assert queries is not None and prompts is not None  # required: never None
         labels = _string_list(body, "labels", False)
         if labels is None:
             labels = [None] * len(queries)
@@ -320,11 +321,13 @@ class RewardService:
             items.append(Item(group_key=(user.user_id, known[-1], prompt), user=user, query=query,
                               response=response, reference=ref))
         outcomes = score_items(self.scorer, items, max_group=self.max_group, method=self.group_reward)
-        rewards, unparsed, details = [], [], []
+        rewards: list[float] = []
+        unparsed: list[float] = []
+        details: list[dict[str, Any]] = []
         for item, outcome, is_known, source in zip(items, outcomes, known, sources):
             r = outcome.reward
             bad = r is None or math.isnan(r)
-            rewards.append(self.unparsed_reward if bad else float(r))
+            rewards.append(self.unparsed_reward if r is None or bad else float(r))
             unparsed.append(1.0 if bad else 0.0)
             details.append({"user_id": item.user.user_id, "personalised": is_known, "scheme": outcome.scheme,
                             "group_size": outcome.group_size,
