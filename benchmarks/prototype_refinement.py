@@ -119,7 +119,8 @@ def measure(args) -> dict:
     from pgenrm_lite import protocol
     from pgenrm_lite.bundle import Bundle
     from pgenrm_lite.datasets import load_hh, users_from_rows
-    from pgenrm_lite.prototypes import PrototypeIndex, member_owner
+    from pgenrm_lite.members import member_owner
+    from pgenrm_lite.prototypes import PrototypeIndex
 
     work = Path(tempfile.mkdtemp(prefix="proto-refine-"))
     try:

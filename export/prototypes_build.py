@@ -2,7 +2,7 @@
 
 Per member: a persona text, embedded with the bundle's embedder; seeded spherical k-means
 (k clamped to the member count; clusters left empty are dropped); each member assigned to
-its nearest prototype; the files written through `pgenrm_lite.prototypes.write_generation`
+its nearest prototype; the files written through `pgenrm_lite.prototype_files.write_generation`
 (the one place that knows the layout) and the manifest switched atomically.
 
 Persona sources:
@@ -19,7 +19,7 @@ Persona sources:
 
 Members (`--members`): `user` makes one member per user; `chain` (the paper's) one member
 per train/val item of a user, id `<user_id>#<item>`, whose history is up to three of the
-user's other items (`pgenrm_lite.prototypes.chain_members`); its LLM persona is PART 1 of
+user's other items (`pgenrm_lite.members.chain_members`); its LLM persona is PART 1 of
 the chain judging that item with that history.
 
 `--refine` trains the refinement model on the members' histories after k-means and puts
@@ -43,13 +43,15 @@ from typing import Callable, Optional
 import numpy as np
 import orjson
 
+from export.kmeans import explained_variance, kmeans
 from pgenrm_lite import protocol
 from pgenrm_lite._progress import Progress
 from pgenrm_lite.bundle import Bundle, read_manifest
 from pgenrm_lite.datasets import load_hh, load_rows, users_from_rows
 from pgenrm_lite.errors import ConfigError, ExportError
-from pgenrm_lite.prototypes import (build_hnsw, chain_members, explained_variance, kmeans, member_record,
-                                    persona_checkpoint_path, write_generation, writer_lock)
+from pgenrm_lite.hnsw_files import build_hnsw
+from pgenrm_lite.members import chain_members, member_record, persona_checkpoint_path
+from pgenrm_lite.prototype_files import write_generation, writer_lock
 from pgenrm_lite.records import Preference, PrototypeInfo, UserProfile
 
 EMBED_BATCH = 64

@@ -18,7 +18,9 @@ import pytest
 
 from pgenrm_lite import ConfigError, Preference, Scorer, UserProfile
 from pgenrm_lite.bundle import Bundle, read_manifest
-from pgenrm_lite.prototypes import PrototypeIndex, chain_members, member_owner, unit_rows
+from pgenrm_lite.hnsw_files import unit_rows
+from pgenrm_lite.members import chain_members, member_owner
+from pgenrm_lite.prototypes import PrototypeIndex
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -153,7 +155,7 @@ def test_refinement_is_seeded_resumable_and_recorded(tmp_path):
 
     users = _hh_like_users()
     personas = _toy_embed([f"persona of {u.user_id}" for u in users])
-    from pgenrm_lite.prototypes import kmeans
+    from export.kmeans import kmeans
 
     centroids, labels = kmeans(personas, 2, seed=0)
     targets = [None] * len(users)
@@ -266,7 +268,7 @@ def test_user_members_with_cached_persona_end_to_end(default_bundle, tmp_path):
 def test_forgetting_a_user_removes_all_of_their_chains(tmp_path):
     import orjson
 
-    from pgenrm_lite.prototypes import persona_checkpoint_path
+    from pgenrm_lite.members import persona_checkpoint_path
 
     rng = np.random.default_rng(2)
     users = [owner_user(f"u{i}", 3) for i in range(5)] + [owner_user("u1#0", 2)]  # an id that looks like a chain

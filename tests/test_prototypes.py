@@ -25,8 +25,9 @@ import pytest
 from pgenrm_lite import (BundleIntegrityError, ConfigError, DataFormatError, Preference, PrototypeIndexError,
                          Scorer, UserProfile)
 from pgenrm_lite.bundle import Bundle, file_entry, read_manifest, with_files, write_manifest
-from pgenrm_lite.prototypes import (PROTO_DIR, PrototypeIndex, build_hnsw, explained_variance, kmeans,
-                                    read_hnsw_header, unit_rows)
+from pgenrm_lite.hnsw_files import build_hnsw, read_hnsw_header, unit_rows
+from pgenrm_lite.prototype_files import PROTO_DIR
+from pgenrm_lite.prototypes import PrototypeIndex
 from pgenrm_lite.records import MANIFEST_SCHEMA_VERSION, EmbedderInfo, LLMInfo, Manifest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from export.prototypes_build import (build_prototypes, checkpoint_path, index_members,  # noqa: E402
                                      read_users)
+from export.kmeans import explained_variance, kmeans  # noqa: E402
 
 DIM = 16
 
@@ -145,6 +147,25 @@ def test_kmeans_reseeds_an_empty_cluster_from_the_farthest_point(clusters):
     _, labels = kmeans(vectors, 3, seed=0, init=init)
     assert np.bincount(labels, minlength=3).min() > 0
     assert {tuple(sorted(set(labels[truth == t]))) for t in range(3)} == {(0,), (1,), (2,)}
+
+
+def test_runtime_package_holds_no_kmeans():
+    """Only the offline builder clusters: no module of the runtime defines or imports k-means."""
+    code = textwrap.dedent("""
+        import importlib, pkgutil, sys
+        import pgenrm_lite
+        names = [m.name for m in pkgutil.walk_packages(pgenrm_lite.__path__, "pgenrm_lite.")]
+        for name in names:
+            importlib.import_module(name)
+        found = sorted(f"{n}.{a}" for n in names for a in vars(sys.modules[n]) if "kmeans" in a.lower())
+        exported = sorted(m for m in sys.modules if m.split(".")[0] == "export")
+        print(json.dumps({"modules": names, "kmeans": found, "export": exported}))
+    """)
+    done = subprocess.run([sys.executable, "-c", "import json\n" + code], cwd=REPO, capture_output=True,
+                          text=True, check=True)
+    seen = orjson.loads(done.stdout)
+    assert {"pgenrm_lite.prototypes", "pgenrm_lite.prototype_files", "pgenrm_lite.scorer"} <= set(seen["modules"])
+    assert seen["kmeans"] == [] and seen["export"] == []
 
 
 # -- retrieval ---------------------------------------------------------------------------

@@ -413,6 +413,32 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _guarded(handler, token: Optional[str]):
+    """An endpoint running `handler(request, request_id)` after the token check; every error becomes a
+    JSON error response, and every request one log line with its id."""
+    async def endpoint(request: Request) -> Response:
+        rid = _request_id(request)
+        t0 = time.perf_counter()
+        if not _authorized(request, token):
+            response = _error(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
+                              rid, {"WWW-Authenticate": 'Bearer realm="pgenrm-lite"'})
+        else:
+            try:
+                response = await handler(request, rid)
+            except RequestError as exc:
+                response = _error(exc.status, exc.message, rid, exc.headers)
+            except PgenrmError as exc:  # e.g. a text over the size limit, a prompt that cannot fit the context
+                response = _error(422, str(exc), rid)
+            except Exception as exc:  # the server keeps serving
+                log.exception("request_id=%s internal error", rid)
+                response = _error(500, f"internal error: {type(exc).__name__}: {exc}", rid)
+            response.headers["X-Request-ID"] = rid
+        log.info("request_id=%s %s %s status=%d %.3fs", rid, request.method, request.url.path,
+                 response.status_code, time.perf_counter() - t0)
+        return response
+    return endpoint
+
+
 def create_app(scorer, profiles=None, *, queue_size: int = DEFAULT_QUEUE_SIZE,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, reference: str = DEFAULT_REFERENCE,
                unparsed_reward: Optional[float] = None, max_group: int = MAX_RESPONSES,
@@ -423,29 +449,6 @@ def create_app(scorer, profiles=None, *, queue_size: int = DEFAULT_QUEUE_SIZE,
     token = check_token(token)
     service = RewardService(scorer, profiles, queue_size=queue_size, reference=reference,
                             unparsed_reward=unparsed_reward, max_group=max_group, group_reward=group_reward)
-
-    def guarded(handler):
-        async def endpoint(request: Request) -> Response:
-            rid = _request_id(request)
-            t0 = time.perf_counter()
-            if not _authorized(request, token):
-                response = _error(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
-                                  rid, {"WWW-Authenticate": 'Bearer realm="pgenrm-lite"'})
-            else:
-                try:
-                    response = await handler(request, rid)
-                except RequestError as exc:
-                    response = _error(exc.status, exc.message, rid, exc.headers)
-                except PgenrmError as exc:  # e.g. a text over the size limit, a prompt that cannot fit the context
-                    response = _error(422, str(exc), rid)
-                except Exception as exc:  # the server keeps serving
-                    log.exception("request_id=%s internal error", rid)
-                    response = _error(500, f"internal error: {type(exc).__name__}: {exc}", rid)
-                response.headers["X-Request-ID"] = rid
-            log.info("request_id=%s %s %s status=%d %.3fs", rid, request.method, request.url.path,
-                     response.status_code, time.perf_counter() - t0)
-            return response
-        return endpoint
 
     async def get_reward(request: Request, rid: str) -> Response:
         raw = await _read_body(request, max_body_bytes)
@@ -480,8 +483,8 @@ def create_app(scorer, profiles=None, *, queue_size: int = DEFAULT_QUEUE_SIZE,
         finally:
             await asyncio.get_running_loop().run_in_executor(None, service.stop)
 
-    app = Starlette(routes=[Route("/get_reward", guarded(get_reward), methods=["POST"]),
-                            Route("/health", guarded(health), methods=["GET"])],
+    app = Starlette(routes=[Route("/get_reward", _guarded(get_reward, token), methods=["POST"]),
+                            Route("/health", _guarded(health, token), methods=["GET"])],
                     exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)
     app.state.service = service
     return app

@@ -99,6 +99,29 @@ def _prompt_key(prompt: Any) -> str:
         return repr(prompt)
 
 
+def _items(users: dict[str, UserProfile], prompts, completions, user_ids, references,
+           fallback: Fallback) -> tuple[list[Item], list[int], int]:
+    """The items to score, the completion each one is for, and how many completions had an unknown user."""
+    items: list[Item] = []
+    index: list[int] = []
+    unknown = 0
+    for i in range(len(completions)):
+        uid = user_ids[i]
+        user: UserProfile | None = users.get(str(uid)) if uid is not None else None
+        if user is None:
+            unknown += 1
+            if fallback == "none":
+                continue
+            user = non_personalised_user(uid)
+        ref = references[i] if references is not None else None
+        items.append(Item(group_key=(user.user_id, _prompt_key(prompts[i])),
+                          user=user, query=prompt_query(prompts[i]),
+                          response=completion_response(completions[i]),
+                          reference=None if ref is None else completion_response(ref)))
+        index.append(i)
+    return items, index, unknown
+
+
 def reward_function(scorer, profiles, *, user_key: str = "user_id", fallback: Fallback = "none",
                     reference_key: Optional[str] = None, max_group: int = MAX_RESPONSES,
                     group_reward: GroupMethod = "mean",
@@ -133,23 +156,7 @@ def reward_function(scorer, profiles, *, user_key: str = "user_id", fallback: Fa
                                   f"pass user_key=..., or use fallback='unpersonalised'")
             user_ids = [None] * n
         references = kwargs.get(reference_key) if reference_key else None
-        items: list[Item] = []
-        index: list[int] = []
-        unknown = 0
-        for i in range(n):
-            uid = user_ids[i]
-            user: UserProfile | None = users.get(str(uid)) if uid is not None else None
-            if user is None:
-                unknown += 1
-                if fallback == "none":
-                    continue
-                user = non_personalised_user(uid)
-            ref = references[i] if references is not None else None
-            items.append(Item(group_key=(user.user_id, _prompt_key(prompts[i])),
-                              user=user, query=prompt_query(prompts[i]),
-                              response=completion_response(completions[i]),
-                              reference=None if ref is None else completion_response(ref)))
-            index.append(i)
+        items, index, unknown = _items(users, prompts, completions, user_ids, references, fallback)
         rewards: list[Optional[float]] = [None] * n
         stderrs = []
         for i, outcome in zip(index, score_items(scorer, items, max_group=max_group, method=group_reward)):
