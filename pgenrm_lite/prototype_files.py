@@ -216,9 +216,11 @@ def write_generation(root: Path, manifest: Manifest, *, centroids: hnswlib.Index
                                  for r in records))
     with atomic_path(root / names["assignments_file"]) as tmp, open(tmp, "wb") as fh:
         np.save(fh, assignments, allow_pickle=False)
-    info = PrototypeInfo(count=centroids.get_current_count(), n_members=n, dimension=centroids.dim, ef=ef,
-                         persona_source=persona_source, members_carry=members_carry, seed=seed,
-                         granularity=granularity, refinement=refined, **names)
+    # Validated like a manifest read from disk: the literal fields arrive as plain strings.
+    info = PrototypeInfo.model_validate(dict(
+        count=centroids.get_current_count(), n_members=n, dimension=centroids.dim, ef=ef,
+        persona_source=persona_source, members_carry=members_carry, seed=seed, granularity=granularity,
+        refinement=refined, **names))
     old_files = set(info_files(old))
     kept = manifest.model_copy(update={"files": [f for f in manifest.files if f.path not in old_files],
                                        "prototypes": info})

@@ -399,6 +399,7 @@ class PrototypeIndex:
         """Write the next generation (call inside `switching()`) and hold it in memory."""
         manifest = self._live.manifest = write_next(self.root, on_disk, state.info, centroids=state.centroids.index,
                                                     members=members.index, records=records, assignments=assignments)
+        assert manifest.prototypes is not None  # write_next always records the generation it wrote
         self._live.state = _State.build(manifest.prototypes, state.centroids, members, records, assignments,
                                         state.space)
 
