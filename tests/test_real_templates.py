@@ -206,6 +206,11 @@ def test_bundle_with_real_llama3_tokenizer_compares_under_both_contracts(real_gg
         assert (bundle.chat_template() is not None) == (contract == "official")
         with Scorer.from_bundle(out, n_samples=2, seed=3, n_ctx=4096, **options) as scorer:
             res = scorer.compare(USER, "Reverse a string?", "s[::-1]", "Use a loop.")
+            # Llama 3's header tokens bound the cacheable prefix, and the two orders share the query.
+            prep = scorer._prepare(USER, "Reverse a string?", "s[::-1]", "Use a loop.", 3)
+            p, q, tokens = prep.prefix_len, prep.shared_len, prep.tokens[False]
+            assert 0 < p < q and scorer.engine.is_control(tokens[p - 1])
+            assert "Reverse a string?" in scorer.engine.detokenize(tokens[p:q])
         assert res.contract == contract and res.n_parsed == 2, [s.error for s in res.samples]
         assert res.score_a is not None and res.seed == 3
         if contract == "official":
