@@ -44,6 +44,8 @@ def pytest_collection_modifyitems(config, items):
 # Scorer settings that keep chains short on the tiny random model: about one character per
 # token, so a generous max_tokens; one thread because the model is too small to gain from two.
 FAST = dict(max_tokens=400, analysis_chars=(10, 120), max_criteria=2, n_threads=1)
+# Short SmolLM2 chains (the default bundle), for tests that compare its results exactly.
+SMOLLM2_SHORT = dict(max_tokens=117, analysis_chars=(10, 40), max_criteria=1, n_threads=2, device="cpu")
 
 ALICE = UserProfile(user_id="alice", history=[
     Preference(prompt="How do I sort a list in Python?", chosen="Use sorted(items).",

@@ -11,7 +11,7 @@ import threading
 import llama_cpp
 import numpy as np
 import pytest
-from conftest import ALICE, BOB, PROMPT, A, B
+from conftest import SMOLLM2_SHORT, ALICE, BOB, PROMPT, A, B
 
 from pgenrm_lite import Scorer, protocol
 from pgenrm_lite.engine import Engine, Request, SamplingParams, common_prefix
@@ -203,7 +203,6 @@ def test_memory_cache_is_lru_within_budget_and_thread_safe():
     assert snap.hits + snap.misses == 4 * 2000 + 3
 
 
-SMOLLM2_SHORT = dict(max_tokens=117, analysis_chars=(10, 40), max_criteria=1, n_threads=2, device="cpu")
 
 
 def test_scorer_compare_and_score_with_neighbours_cold_warm_and_threaded(default_bundle):

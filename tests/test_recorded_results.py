@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SMOLLM2_SHORT
 
 RECORDED = Path(__file__).parent / "fixtures" / "recorded_results.json"
-SETTINGS = dict(max_tokens=117, analysis_chars=(10, 40), max_criteria=1, n_threads=2, device="cpu")
 
 
 def build_fingerprint() -> dict:
@@ -41,10 +41,10 @@ def current_results(bundle: Path) -> dict:
     first, second = test[0], test[-1]
     user = users[first.user_id]
     out = {}
-    with Scorer.from_bundle(bundle, n_samples=2, n_neighbors=1, expected_scores=True, **SETTINGS) as scorer:
+    with Scorer.from_bundle(bundle, n_samples=2, n_neighbors=1, expected_scores=True, **SMOLLM2_SHORT) as scorer:
         res = scorer.compare(user, first.prompt, first.chosen, first.rejected, seed=11)
         out["compare_ind2_pro1"] = res.model_dump(mode="json", exclude={"timing"})
-    with Scorer.from_bundle(bundle, n_samples=1, **SETTINGS) as scorer:
+    with Scorer.from_bundle(bundle, n_samples=1, **SMOLLM2_SHORT) as scorer:
         group = scorer.score_group(users[second.user_id], second.prompt,
                                    [second.chosen, second.rejected, first.chosen], seed=12)
         out["score_group_three_ind1"] = group.model_dump(mode="json", exclude={"timing"})
